@@ -10,7 +10,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::{
     io::AsyncReadExt,
     net::TcpStream,
-    time::{Instant, sleep, timeout_at},
+    time::{Instant, sleep_until, timeout_at},
 };
 use tracing::debug;
 
@@ -85,7 +85,8 @@ pub async fn wait_for_sshd(
         };
         debug!(attempt = attempts, error = %last, "VM not ready yet");
         let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
-        if Instant::now() + delay >= deadline {
+        sleep_until(deadline.min(Instant::now() + delay)).await;
+        if Instant::now() >= deadline {
             return Err(NotReady {
                 addr,
                 waited,
@@ -93,7 +94,6 @@ pub async fn wait_for_sshd(
                 last,
             });
         }
-        sleep(delay).await;
     }
 }
 

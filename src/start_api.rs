@@ -19,7 +19,7 @@ use reqwest::{
     redirect::Policy,
 };
 use serde::{Deserialize, Serialize};
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{Instant, sleep_until, timeout};
 use tracing::warn;
 
 use crate::config::ApiConfig;
@@ -152,12 +152,15 @@ impl StartApi {
                 Ok(addr) => return Ok(Started { addr, attempts }),
                 Err(error) => error,
             };
-            let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
-            if !error.is_transient() || Instant::now() + delay >= deadline {
+            if !error.is_transient() || Instant::now() >= deadline {
                 return Err(error);
             }
+            let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
             warn!(attempt = attempts, %error, "start API failed; retrying in {delay:.1?}");
-            sleep(delay).await;
+            sleep_until(deadline.min(Instant::now() + delay)).await;
+            if Instant::now() >= deadline {
+                return Err(error);
+            }
         }
     }
 

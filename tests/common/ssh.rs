@@ -1,0 +1,89 @@
+//! The OpenSSH client, unmodified: the same options any user with a key would pass.
+
+use std::{
+    io::Read,
+    net::SocketAddr,
+    path::Path,
+    process::{Command, Output, Stdio},
+    thread,
+    time::Duration,
+};
+
+use wait_timeout::ChildExt;
+
+/// Options that keep the client from touching ~/.ssh; nothing that changes what it prints or sends.
+const OPTIONS: [&str; 8] = [
+    "-F",
+    "/dev/null",
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "BatchMode=yes",
+];
+
+/// `ssh -p PORT root@127.0.0.1` through the proxy at `proxy`, logging in with `key`. Append the command.
+pub fn ssh(proxy: SocketAddr, key: &Path) -> Command {
+    let mut command = Command::new("ssh");
+    command
+        .args(OPTIONS)
+        .arg("-i")
+        .arg(key)
+        .args(["-p", &proxy.port().to_string()])
+        .arg(format!("root@{}", proxy.ip()));
+    command
+}
+
+/// `scp -P PORT` through the proxy; append the source and `root@127.0.0.1:PATH`.
+pub fn scp(proxy: SocketAddr, key: &Path) -> Command {
+    let mut command = Command::new("scp");
+    command
+        .args(OPTIONS)
+        .arg("-q")
+        .arg("-i")
+        .arg(key)
+        .args(["-P", &proxy.port().to_string()]);
+    command
+}
+
+/// Runs `command` to completion with stdin closed; kills it and panics if it takes longer than `limit`.
+pub fn run(command: &mut Command, limit: Duration) -> Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the ssh client (apt-get install openssh-client)");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        buf
+    });
+    let err = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    });
+    let Some(status) = child.wait_timeout(limit).unwrap() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        let err = err.join().unwrap();
+        panic!(
+            "{command:?} still running after {limit:?}; stderr:\n{}",
+            String::from_utf8_lossy(&err)
+        );
+    };
+    let output = Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    };
+    eprintln!(
+        "[ssh] {command:?} -> {status}\n[ssh stderr] {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}

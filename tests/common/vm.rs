@@ -1,0 +1,181 @@
+//! The "VM": a real OpenSSH sshd on its own loopback address, started when the test's start API says so.
+
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::Duration,
+};
+
+use tempfile::TempDir;
+
+use super::{PATIENCE, log::Log};
+
+/// A handle on one sshd; clones share it. Dropping the last handle stops sshd.
+#[derive(Clone)]
+pub struct Vm {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ip: Ipv4Addr,
+    port: u16,
+    dir: TempDir,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    booting: bool,
+    sshd: Option<(Child, Log)>,
+}
+
+impl Vm {
+    /// An sshd on port 22 of a fresh 127.x.y.z address, configured but not started.
+    pub fn new() -> Vm {
+        Vm::with_port(22)
+    }
+
+    pub fn with_port(port: u16) -> Vm {
+        super::require_root();
+        let dir = tempfile::tempdir().unwrap();
+        // Each VM gets its own address, so tests running in parallel never share a port.
+        let ip = Ipv4Addr::new(
+            127,
+            fastrand::u8(100..200),
+            fastrand::u8(1..255),
+            fastrand::u8(1..255),
+        );
+        keygen(&dir.path().join("host_key"));
+        keygen(&dir.path().join("client_key"));
+        fs::copy(
+            dir.path().join("client_key.pub"),
+            dir.path().join("authorized_keys"),
+        )
+        .unwrap();
+        let d = dir.path().display();
+        fs::write(
+            dir.path().join("sshd_config"),
+            format!(
+                "ListenAddress {ip}:{port}\n\
+                 HostKey {d}/host_key\n\
+                 PidFile none\n\
+                 AuthorizedKeysFile {d}/authorized_keys\n\
+                 StrictModes no\n\
+                 PermitRootLogin prohibit-password\n\
+                 PasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\n\
+                 UsePAM no\n\
+                 MaxStartups 200:30:400\n\
+                 AllowTcpForwarding yes\n\
+                 Subsystem sftp /usr/lib/openssh/sftp-server\n\
+                 LogLevel VERBOSE\n"
+            ),
+        )
+        .unwrap();
+        Vm {
+            inner: Arc::new(Inner {
+                ip,
+                port,
+                dir,
+                state: Mutex::default(),
+            }),
+        }
+    }
+
+    pub fn ip(&self) -> Ipv4Addr {
+        self.inner.ip
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        (self.inner.ip, self.inner.port).into()
+    }
+
+    /// A scratch directory on the "VM" (the same filesystem as the test).
+    pub fn dir(&self) -> &Path {
+        self.inner.dir.path()
+    }
+
+    /// The private key the VM's sshd accepts for root.
+    pub fn client_key(&self) -> PathBuf {
+        self.dir().join("client_key")
+    }
+
+    /// Starts sshd and returns once it listens (it says so on stderr).
+    pub fn start(&self) {
+        let mut state = self.inner.state.lock().unwrap();
+        if state.sshd.is_some() {
+            return;
+        }
+        // sshd refuses to start without its privilege separation directory, which a fresh machine lacks.
+        fs::create_dir_all("/run/sshd").unwrap();
+        let mut child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(self.dir().join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting /usr/sbin/sshd (apt-get install openssh-server)");
+        let log = Log::collect(child.stderr.take().unwrap(), "sshd");
+        let line = log.wait_for(PATIENCE, |l| {
+            l.contains("Server listening on") || l.contains("Cannot bind") || l.contains("fatal")
+        });
+        assert!(line.contains("Server listening on"), "sshd failed: {line}");
+        state.sshd = Some((child, log));
+    }
+
+    /// Starts sshd `delay` from now, in the background, the way a VM boots after its start API answered.
+    /// Later calls do nothing.
+    pub fn boot_after(&self, delay: Duration) {
+        {
+            let mut state = self.inner.state.lock().unwrap();
+            if state.booting || state.sshd.is_some() {
+                return;
+            }
+            state.booting = true;
+        }
+        let vm = self.clone();
+        thread::spawn(move || {
+            thread::sleep(delay); // the VM's boot time, not a synchronisation
+            vm.start();
+        });
+    }
+
+    /// Connections sshd has accepted so far (from its VERBOSE log).
+    pub fn connections(&self) -> usize {
+        let state = self.inner.state.lock().unwrap();
+        state.sshd.as_ref().map_or(0, |(_, log)| {
+            log.lines()
+                .iter()
+                .filter(|l| l.contains("Connection from"))
+                .count()
+        })
+    }
+
+    pub fn log(&self) -> Option<Log> {
+        let state = self.inner.state.lock().unwrap();
+        state.sshd.as_ref().map(|(_, log)| log.clone())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some((mut child, _)) = self.state.get_mut().unwrap().sshd.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn keygen(path: &Path) {
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .status()
+        .expect("running ssh-keygen");
+    assert!(status.success());
+}
