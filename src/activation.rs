@@ -16,6 +16,8 @@ use socket2::{Domain, SockRef, Type};
 pub struct Stdio {
     /// stderr is open and is not a TCP socket, so log lines written there reach a person, not a client.
     pub stderr_usable: bool,
+    /// systemd handed us a connection (on fd 0, or announced by `LISTEN_FDS`): someone is waiting for an answer.
+    pub connection_waiting: bool,
 }
 
 /// Points stdout and stderr at `/dev/null` where they are TCP sockets.
@@ -35,7 +37,10 @@ pub fn protect_stdio() -> Stdio {
     } else {
         rustix::fs::fstat(io::stderr().as_fd()).is_ok()
     };
-    Stdio { stderr_usable }
+    Stdio {
+        stderr_usable,
+        connection_waiting: is_tcp(io::stdin().as_fd()) || std::env::var_os("LISTEN_FDS").is_some(),
+    }
 }
 
 /// Takes the client's connection the way systemd passes it with `Accept=yes`: as fd 3 with `LISTEN_FDS=1`, or

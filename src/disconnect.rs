@@ -48,26 +48,28 @@ pub fn message(reason: &str) -> Vec<u8> {
     payload.extend_from_slice(&SSH_DISCONNECT_BY_APPLICATION.to_be_bytes());
     put_string(&mut payload, description.as_bytes());
     put_string(&mut payload, b""); // language tag
+    [IDENTIFICATION, &binary_packet(&payload)].concat()
+}
 
-    // packet_length, padding_length, payload and padding add up to a multiple of 8, with at least 4 bytes of
-    // padding. No MAC: no keys are agreed yet.
+/// An unencrypted binary packet (RFC 4253 §6): no keys are agreed yet, so no MAC. packet_length,
+/// padding_length, payload and padding add up to a multiple of 8, with at least 4 bytes of padding.
+pub fn binary_packet(payload: &[u8]) -> Vec<u8> {
     let unpadded = 4 + 1 + payload.len();
     let mut padding = 8 - unpadded % 8;
     if padding < 4 {
         padding += 8;
     }
     let packet_length = 1 + payload.len() + padding;
-
-    let mut out = Vec::with_capacity(IDENTIFICATION.len() + 4 + packet_length);
-    out.extend_from_slice(IDENTIFICATION);
-    out.extend_from_slice(&(packet_length as u32).to_be_bytes());
-    out.push(padding as u8);
-    out.extend_from_slice(&payload);
-    out.resize(out.len() + padding, 0);
-    out
+    let mut packet = Vec::with_capacity(4 + packet_length);
+    packet.extend_from_slice(&(packet_length as u32).to_be_bytes());
+    packet.push(padding as u8);
+    packet.extend_from_slice(payload);
+    packet.resize(packet.len() + padding, 0);
+    packet
 }
 
-fn put_string(out: &mut Vec<u8>, s: &[u8]) {
+/// An SSH `string`: a length, then the bytes.
+pub fn put_string(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(&(s.len() as u32).to_be_bytes());
     out.extend_from_slice(s);
 }

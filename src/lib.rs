@@ -21,9 +21,10 @@ use anyhow::{Context, Result};
 
 use crate::{config::Config, connection::Outcome};
 
-/// Serves the one connection systemd handed to this process, and returns its exit status: 0 when the client
-/// was relayed or left, 1 when it got no VM, 2 when there was no connection to serve.
-pub fn serve_activated_connection(cli: &config::Cli) -> ExitCode {
+/// Serves the one connection systemd handed to this process, with `config` or, if it is an error, by telling
+/// the client the host is misconfigured. Returns the exit status: 0 when the client was relayed or left, 1
+/// when it got no VM, 2 when there was no connection to serve.
+pub fn serve_activated_connection(config: Result<Config>) -> ExitCode {
     let client = match activation::take_client() {
         Ok(client) => client,
         Err(e) => {
@@ -31,7 +32,6 @@ pub fn serve_activated_connection(cli: &config::Cli) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let config = Config::load(cli);
     // One connection per process: a single-threaded runtime starts fastest and is all the relay needs.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

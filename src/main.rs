@@ -3,8 +3,8 @@ use std::{io::Write, process::ExitCode};
 use clap::Parser;
 use ssh_on_demand::{
     activation,
-    config::{Cli, Command},
-    logging,
+    config::{Cli, Command, Config},
+    logging::{self, LogTarget},
 };
 use tracing::level_filters::LevelFilter;
 
@@ -13,12 +13,13 @@ fn main() -> ExitCode {
     let stdio = activation::protect_stdio();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) if stdio.stderr_usable || !e.use_stderr() => e.exit(),
+        // --help, --version, or a mistake typed at a terminal: clap says it best.
+        Err(e) if !e.use_stderr() || !stdio.connection_waiting => e.exit(),
         Err(e) => {
-            // stderr is gone; the journal is the only place an operator will find this.
-            let _ = logging::init(logging::LogTarget::Journald, LevelFilter::INFO, false);
-            tracing::error!("bad command line: {e}");
-            return ExitCode::from(2);
+            // Started for a connection by a unit whose command line is wrong: log why, and tell the client.
+            let _ = logging::init(LogTarget::Auto, LevelFilter::INFO, stdio.stderr_usable);
+            let error = anyhow::anyhow!("invalid command line: {}", e.render());
+            return ssh_on_demand::serve_activated_connection(Err(error));
         }
     };
     if let Err(e) = logging::init(cli.log_target, cli.log_level, stdio.stderr_usable) {
@@ -38,6 +39,6 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        None => ssh_on_demand::serve_activated_connection(&cli),
+        None => ssh_on_demand::serve_activated_connection(Config::load(&cli)),
     }
 }

@@ -1,0 +1,129 @@
+//! The command line an operator types: `check-config`, and what happens when the binary is run by hand.
+
+mod common;
+
+use std::{
+    fs,
+    path::Path,
+    process::{Command, Output, Stdio},
+};
+
+use common::proxy::BINARY;
+
+fn ssh_on_demand(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(BINARY);
+    command
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(Stdio::null());
+    command.output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn write(dir: &Path, name: &str, content: &str) -> String {
+    let path = dir.join(name);
+    fs::write(&path, content).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn check_config_prints_the_effective_settings_with_secrets_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = write(dir.path(), "token", "very-secret-token\n");
+    let config = write(
+        dir.path(),
+        "config.toml",
+        &format!(
+            "api_url = \"http://127.0.0.1:8080/start\"\n\
+             api_token_file = \"{token}\"\n\
+             api_headers = [\"X-Api-Key: header-secret\"]\n\
+             profile = \"from-file\"\n\
+             vm_port = 2222\n\
+             boot_timeout = \"2m\"\n"
+        ),
+    );
+    let output = ssh_on_demand(
+        &["check-config", "--config", &config, "--boot-timeout", "3m"],
+        &[
+            ("SSH_ON_DEMAND_PROFILE", "from-env"),
+            ("SSH_ON_DEMAND_BOOT_TIMEOUT", "90s"),
+        ],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let shown = text(&output.stdout);
+    assert!(!shown.contains("secret"), "a secret was printed:\n{shown}");
+    for expected in [
+        "api_url = \"http://127.0.0.1:8080/start\"",
+        "# token: ***",
+        "api_headers = [\"x-api-key: ***\"]",
+        "profile = \"from-env\"", // environment beats file
+        "boot_timeout = \"3m\"",  // flag beats environment and file
+        "vm_port = 2222",         // file beats default
+        "api_timeout = \"10s\"",  // default
+        "vm_connect_timeout = \"1s\"",
+    ] {
+        assert!(
+            shown.contains(expected),
+            "{expected:?} missing in:\n{shown}"
+        );
+    }
+    // What it prints is itself a valid configuration file.
+    let again = write(dir.path(), "again.toml", &shown.replace("# token: ***", ""));
+    let output = ssh_on_demand(&["check-config", "--config", &again], &[]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+}
+
+#[test]
+fn check_config_names_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "api_url = \"http://x/\"\nboot_timout = \"1s\"\n",
+            "unknown field `boot_timout`",
+        ),
+        ("profile = \"lab\"\n", "api_url is not set"),
+        ("api_url = \"ftp://x/\"\n", "not ftp://"),
+        (
+            "api_url = \"http://x/\"\nboot_timeout = \"soon\"\n",
+            "boot_timeout",
+        ),
+        (
+            "api_url = \"http://x/\"\napi_token_file = \"/nonexistent/token\"\n",
+            "/nonexistent/token",
+        ),
+        (
+            "api_url = \"https://x/\"\napi_ca_file = \"/etc/hostname\"\n",
+            "no PEM certificate",
+        ),
+    ];
+    for (content, expected) in cases {
+        let config = write(dir.path(), "config.toml", content);
+        let output = ssh_on_demand(&["check-config", "--config", &config], &[]);
+        assert_eq!(output.status.code(), Some(1), "{content}");
+        let error = text(&output.stderr);
+        assert!(error.contains(expected), "{expected:?} missing in: {error}");
+        assert!(output.stdout.is_empty());
+    }
+}
+
+#[test]
+fn the_token_is_never_taken_from_the_command_line() {
+    let output = ssh_on_demand(&["check-config", "--api-token", "x"], &[]);
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
+fn run_by_hand_it_explains_what_it_is_for() {
+    let output = ssh_on_demand(&["--api-url", "http://127.0.0.1:9/"], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let error = text(&output.stderr);
+    assert!(
+        error.contains("fd 0 is not a connected TCP socket"),
+        "{error}"
+    );
+    assert!(error.contains("Accept=yes"), "{error}");
+}
