@@ -4,8 +4,11 @@ use std::{io, time::Duration};
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
 };
 
 /// Per direction. SSH sends packets of up to 32 KiB of payload; 64 KiB moves a full one in one read.
@@ -47,8 +50,8 @@ pub async fn relay(
 /// direction goes on.
 async fn pipe(
     first: &[u8],
-    mut from: impl AsyncRead + Unpin,
-    mut to: impl AsyncWrite + Unpin,
+    mut from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
     count: &mut u64,
 ) -> io::Result<()> {
     to.write_all(first).await?;
@@ -59,6 +62,11 @@ async fn pipe(
         if n == 0 {
             break;
         }
+        // ssh and sshd keep Nagle on outside interactive sessions, so each small handshake packet waits for
+        // the ACK of the previous one, and a relay in both directions looks interactive to Linux, which then
+        // delays its ACKs by up to 40 ms. Quick-ACK mode ends by itself; re-arming it after every read (one
+        // cheap syscall) sends the pending ACK now and makes logins faster than without a proxy.
+        let _ = SockRef::from(from.as_ref()).set_tcp_quickack(true);
         to.write_all(&buf[..n]).await?;
         *count += n as u64;
     }
