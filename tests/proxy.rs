@@ -22,6 +22,7 @@ use common::{
     api::{Answer, StartApi},
     proxy::{Handover, Proxy},
     ssh::{run, scp, ssh},
+    tls::HttpsApi,
     vm::Vm,
 };
 use serde_json::json;
@@ -486,4 +487,28 @@ fn misconfiguration_is_shown_to_the_user_and_detailed_in_the_log() {
     proxy
         .log
         .wait_for(PATIENCE, |l| l.contains("unknown field `boot_timout`"));
+}
+
+#[test]
+fn https_start_api_is_trusted_through_api_ca_file() {
+    let vm = Vm::new();
+    vm.start();
+    let api = HttpsApi::serve(&json!({ "vm_ip": vm.ip().to_string() }).to_string());
+
+    // Its CA is not among the system's: the user is told the API cannot be reached, and why.
+    let proxy = Proxy::builder(&api.url)
+        .args(["--boot-timeout", "2s"])
+        .start();
+    let seen = refused_login(&proxy);
+    assert!(
+        seen.contains("VM failed to start: cannot reach the start API (invalid peer certificate"),
+        "{seen}"
+    );
+
+    let proxy = Proxy::builder(&api.url)
+        .arg(format!("--api-ca-file={}", api.ca_file.display()))
+        .start();
+    let output = run(ssh(proxy.addr, &vm.client_key()).arg("echo tls"), PATIENCE);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output), "tls\n");
 }

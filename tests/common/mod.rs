@@ -7,6 +7,7 @@ pub mod api;
 pub mod log;
 pub mod proxy;
 pub mod ssh;
+pub mod tls;
 pub mod vm;
 
 use std::time::Duration;
