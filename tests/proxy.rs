@@ -299,7 +299,7 @@ fn unusable_answers_are_shown_to_the_user() {
                 "text/html",
                 "<!doctype html><title>Welcome to nginx</title>",
             ),
-            "it is HTML, not an address",
+            "the start API's answer is unusable: it is HTML, not an address",
         ),
         (
             Answer::text("vm-17.cluster.internal"),
@@ -307,12 +307,12 @@ fn unusable_answers_are_shown_to_the_user() {
         ),
         (
             Answer::json(json!({ "state": "booting" })),
-            "the JSON has no vm_ip",
+            "the start API's answer is unusable: the JSON has no vm_ip",
         ),
         (Answer::text("¯\\_(ツ)_/¯"), "is not an IP address"),
         (
             Answer::reply(200, "text/plain", "x".repeat(100_000)),
-            "larger than 64 KiB",
+            "the start API's answer is larger than 64 KiB",
         ),
     ];
     let expectations: Vec<&str> = answers.iter().map(|(_, e)| *e).collect();
@@ -321,12 +321,24 @@ fn unusable_answers_are_shown_to_the_user() {
     let proxy = Proxy::start(&api.url());
     for expected in expectations {
         let seen = refused_login(&proxy);
-        assert!(
-            seen.contains("VM failed to start: the start API's answer"),
-            "{seen}"
-        );
+        assert!(seen.contains("VM failed to start: "), "{seen}");
         assert!(seen.contains(expected), "expected {expected:?} in {seen}");
     }
+}
+
+#[test]
+fn redirect_loop_is_shown_to_the_user() {
+    let api = StartApi::serve(|request| Answer::Redirect {
+        location: request.url.clone(),
+    });
+    let proxy = Proxy::start(&api.url());
+    let seen = refused_login(&proxy);
+    assert!(
+        seen.contains("VM failed to start: the start API redirected more than 5 times"),
+        "{seen}"
+    );
+    // The first request and five redirects, not retried: a loop does not end by itself.
+    assert_eq!(api.requests().len(), 6);
 }
 
 #[test]

@@ -37,6 +37,8 @@ pub enum Answer {
         content_type: &'static str,
         body: String,
     },
+    /// A redirect to `location`, relative to the API's URL.
+    Redirect { location: String },
     /// Never answers (until the test ends): a hung API.
     Hang,
 }
@@ -108,6 +110,11 @@ impl StartApi {
                             let response = Response::from_string(body)
                                 .with_status_code(status)
                                 .with_header(header);
+                            let _ = incoming.respond(response);
+                        }
+                        Answer::Redirect { location } => {
+                            let header = Header::from_bytes("Location", location).unwrap();
+                            let response = Response::empty(307).with_header(header);
                             let _ = incoming.respond(response);
                         }
                         // Held, unanswered, until the server stops.
