@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod api;
+pub mod container;
 pub mod log;
 pub mod proxy;
 pub mod ssh;

@@ -1,0 +1,182 @@
+//! Writes the man page ssh-on-demand.8 into the directory given as the only argument (packaging/build-deb
+//! uses target/man). The synopsis, description and options come from the clap definition the binary parses,
+//! so they cannot drift from it; the sections after them name files and journal fields from the crate's own
+//! constants.
+//!
+//!     cargo run --example manpage -- target/man
+
+use std::{env, fs, io, path::PathBuf, process::ExitCode};
+
+use clap::CommandFactory;
+use clap_mangen::{
+    Man,
+    roff::{Roff, bold, italic, roman},
+};
+use ssh_on_demand::{
+    config::{Cli, DEFAULT_CONFIG_FILE, TOKEN_CREDENTIAL},
+    connection::{Outcome, SUMMARY_MESSAGE_ID},
+    logging::SYSLOG_IDENTIFIER,
+};
+
+/// Where the package installs the token for `LoadCredential=api-token:ssh-on-demand.api-token`.
+const CREDSTORE_TOKEN: &str = "/etc/credstore/ssh-on-demand.api-token";
+
+fn main() -> ExitCode {
+    let Some(dir) = env::args_os().nth(1).map(PathBuf::from) else {
+        eprintln!("usage: manpage OUTPUT-DIRECTORY");
+        return ExitCode::from(2);
+    };
+    let man = Man::new(Cli::command())
+        .section("8")
+        .manual("System Administration")
+        .source(format!("ssh-on-demand {}", env!("CARGO_PKG_VERSION")));
+    let mut page = Vec::new();
+    render(&man, &mut page).expect("rendering to memory");
+
+    let path = dir.join(man.get_filename());
+    // Written aside, then renamed: a build running at the same time never packages a half-written page.
+    let partial = dir.join(format!(".{}.{}", man.get_filename(), std::process::id()));
+    let written = fs::create_dir_all(&dir)
+        .and_then(|()| fs::write(&partial, page))
+        .and_then(|()| fs::rename(&partial, &path));
+    if let Err(e) = written {
+        eprintln!("writing {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    println!("{}", path.display());
+    ExitCode::SUCCESS
+}
+
+/// clap_mangen's sections up to OPTIONS, then ours. Its own SUBCOMMANDS section would point at pages
+/// (ssh-on-demand-check-config(8)) that nobody writes, and its EXTRA section at a README.md without saying
+/// where the package puts it (SEE ALSO does).
+fn render(man: &Man, page: &mut Vec<u8>) -> io::Result<()> {
+    man.render_title(page)?;
+    man.render_name_section(page)?;
+    man.render_synopsis_section(page)?;
+    man.render_description_section(page)?;
+    man.render_options_section(page)?;
+    extra_sections().to_writer(page)
+}
+
+/// COMMANDS, FILES, JOURNAL, EXIT STATUS and SEE ALSO: what an operator looks up besides the options.
+fn extra_sections() -> Roff {
+    let mut roff = Roff::new();
+    let item = |roff: &mut Roff, term: &str, text: &str| {
+        roff.control("TP", [])
+            .text([bold(term)])
+            .text([roman(text)]);
+    };
+
+    roff.control("SH", ["COMMANDS"]);
+    for command in Cli::command().get_subcommands() {
+        let about = command
+            .get_about()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        item(
+            &mut roff,
+            &format!("ssh-on-demand {}", command.get_name()),
+            &about,
+        );
+    }
+
+    roff.control("SH", ["FILES"]);
+    item(
+        &mut roff,
+        DEFAULT_CONFIG_FILE,
+        "Settings, read by every connection's process, so changes apply to the next connection. \
+         Keys are the long options with _ for -; unknown keys are errors. The package installs it \
+         with every setting commented out; an annotated copy is in \
+         /usr/share/doc/ssh-on-demand/examples/config.toml.",
+    );
+    item(
+        &mut roff,
+        CREDSTORE_TOKEN,
+        &format!(
+            "The start API's bearer token (mode 0600). The unit passes it to the service as the \
+             systemd credential \"{TOKEN_CREDENTIAL}\"; without the file, requests carry no token."
+        ),
+    );
+    item(
+        &mut roff,
+        "/usr/lib/systemd/system/ssh-on-demand.socket",
+        "Listens on port 22 with Accept=yes: one ssh-on-demand@.service instance per connection. \
+         Not enabled by the package; change ListenStream= with systemctl edit ssh-on-demand.socket, \
+         then systemctl enable --now ssh-on-demand.socket.",
+    );
+    item(
+        &mut roff,
+        "/usr/lib/systemd/system/ssh-on-demand@.service",
+        "One connection: the client's socket on standard input, logs to the journal, progress in \
+         systemctl status (STATUS=).",
+    );
+
+    roff.control("SH", ["JOURNAL"]);
+    roff.text([roman(format!(
+        "Records carry SYSLOG_IDENTIFIER={SYSLOG_IDENTIFIER} and, once known, the fields CLIENT_ADDR, \
+         CLIENT_PORT, PROFILE and VM. Each connection ends with one summary record, \
+         MESSAGE_ID={SUMMARY_MESSAGE_ID}, with OUTCOME, REASON, API_MS, VM_WAIT_MS, BYTES_TO_VM, \
+         BYTES_TO_CLIENT and DURATION_MS. It has priority warning when the user got no VM and notice \
+         otherwise, so "
+    ))]);
+    roff.text([bold(format!(
+        "journalctl -t {SYSLOG_IDENTIFIER} -p warning MESSAGE_ID={SUMMARY_MESSAGE_ID}"
+    ))]);
+    roff.text([roman("lists the failed logins. OUTCOME is one of:")]);
+    for (outcome, meaning) in [
+        (Outcome::Relayed, "the client was relayed to its VM"),
+        (
+            Outcome::ClientGone,
+            "the client left before its VM was ready",
+        ),
+        (
+            Outcome::NotSsh,
+            "the client did not speak SSH, so nothing was started",
+        ),
+        (Outcome::ApiFailed, "the start API gave no usable address"),
+        (
+            Outcome::VmNotReady,
+            "the VM's sshd did not answer by boot_timeout",
+        ),
+        (Outcome::Misconfigured, "the configuration is unusable"),
+    ] {
+        item(&mut roff, outcome.as_str(), meaning);
+    }
+
+    roff.control("SH", ["EXIT STATUS"]);
+    item(
+        &mut roff,
+        "0",
+        "The client was relayed, or left, or did not speak SSH.",
+    );
+    item(
+        &mut roff,
+        "1",
+        "The user got no VM (api_failed, vm_not_ready, misconfigured); the ssh client was told why. \
+         check-config: the configuration is unusable.",
+    );
+    item(
+        &mut roff,
+        "2",
+        "No connection to serve, or a bad command line.",
+    );
+
+    roff.control("SH", ["SEE ALSO"]);
+    let pages = [
+        ("systemd.socket", "5"),
+        ("systemd.exec", "5"),
+        ("systemd-analyze", "1"),
+        ("journalctl", "1"),
+        ("ssh", "1"),
+        ("sshd", "8"),
+    ];
+    for (i, (page, section)) in pages.iter().enumerate() {
+        let separator = if i + 1 < pages.len() { "), " } else { ")" };
+        roff.text([italic(*page), roman(format!("({section}{separator}"))]);
+    }
+    roff.control("PP", []).text([roman(
+        "/usr/share/doc/ssh-on-demand/README.md: the start API's contract, the units, troubleshooting.",
+    )]);
+    roff
+}

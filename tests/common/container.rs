@@ -1,0 +1,397 @@
+//! Real systemd as PID 1: a Debian rootfs made once by debootstrap and cached under target/, and a throwaway
+//! copy of it booted with `systemd-nspawn -b` per test. The container shares the host's network namespace, so
+//! its sockets and the host's test servers (start API, VMs) reach each other over loopback.
+
+use std::{
+    fs,
+    os::{fd::AsFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use rustix::process::{Pid, Signal};
+use tempfile::TempDir;
+use wait_timeout::ChildExt;
+
+use super::{PATIENCE, log::Log};
+
+/// Name of the cached rootfs; bump the number whenever `debootstrap`'s arguments below change, so that an old
+/// cache is not taken for the new recipe.
+const ROOTFS: &str = "bookworm-1";
+/// systemd, and dbus for `systemctl` and `systemd-analyze security`; man-db so that `systemd-analyze verify`
+/// checks that the unit's `Documentation=man:ssh-on-demand(8)` resolves.
+const PACKAGES: &str = "systemd,systemd-sysv,dbus,man-db";
+const MIRROR: &str = "http://deb.debian.org/debian";
+/// The PATH of commands run in the container; ours would be the host's.
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Polling interval for conditions that have no event to wait on (systemd's state seen from outside).
+const POLL: Duration = Duration::from_millis(50);
+
+/// Why containers cannot run on this machine, if they cannot; `None` means the test must run. Booting can
+/// still fail later, which [`Container::preflight`] tells apart from a failure of the test.
+pub fn unavailable() -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("not root: systemd-nspawn needs root".into());
+    }
+    match Command::new("systemd-nspawn").arg("--version").output() {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => Some(format!(
+            "systemd-nspawn --version failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )),
+        Err(e) => Some(format!(
+            "no systemd-nspawn ({e}); apt-get install systemd-container"
+        )),
+    }
+}
+
+/// The pristine rootfs, made by debootstrap on first use (about 35 s and 250 MB) and reused by every later
+/// run. Only a copy of it is ever booted.
+pub fn cached_rootfs() -> PathBuf {
+    let cache = cache_dir();
+    fs::create_dir_all(&cache).unwrap();
+    let rootfs = cache.join(ROOTFS);
+    // Test processes running at once must not both debootstrap: the first builds, the others wait.
+    let _lock = lock(&cache.join(format!("{ROOTFS}.lock")));
+    remove_stale_copies(&cache);
+    if rootfs.is_dir() {
+        return rootfs;
+    }
+    // Built under another name and renamed when complete, so that an interrupted build is never mistaken
+    // for a rootfs: the final name exists only once debootstrap succeeded.
+    let partial = cache.join(format!("{ROOTFS}.partial"));
+    if partial.exists() {
+        fs::remove_dir_all(&partial).unwrap();
+    }
+    eprintln!(
+        "building the container rootfs {} with debootstrap (once; about half a minute)",
+        rootfs.display()
+    );
+    let output = Command::new("debootstrap")
+        .args([
+            "--variant=minbase",
+            &format!("--include={PACKAGES}"),
+            "bookworm",
+        ])
+        .arg(&partial)
+        .arg(MIRROR)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running debootstrap (apt-get install debootstrap)");
+    assert!(
+        output.status.success(),
+        "debootstrap failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    fs::rename(&partial, &rootfs).unwrap();
+    rootfs
+}
+
+/// target/tmp/nspawn: kept between runs, removed by `cargo clean`.
+fn cache_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("nspawn")
+}
+
+/// An exclusive lock, held until the returned file is dropped.
+fn lock(path: &Path) -> fs::File {
+    let file = fs::File::create(path).unwrap();
+    rustix::fs::flock(file.as_fd(), rustix::fs::FlockOperation::LockExclusive).unwrap();
+    file
+}
+
+/// Copies are named `run-<pid>-…` after the test process that made them. One whose process is gone was left
+/// by a run that was killed (Ctrl-C) before it could clean up; it is only disk space, so it goes.
+fn remove_stale_copies(cache: &Path) {
+    for entry in fs::read_dir(cache).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("run-").and_then(|r| r.split('-').next()) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            eprintln!(
+                "removing {}, left by an interrupted run",
+                entry.path().display()
+            );
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// A booted container: systemd-nspawn (our child) running systemd from a private copy of the rootfs.
+pub struct Container {
+    nspawn: Child,
+    /// The container's PID 1 as the host sees it, for nsenter.
+    pid1: u32,
+    console: Log,
+    /// systemd-nspawn's own messages.
+    errors: Log,
+    root: TempDir,
+}
+
+impl Container {
+    /// Runs `true` in a container without booting it. Failing here means this machine cannot run containers
+    /// at all (e.g. inside an unprivileged container); the error says why.
+    pub fn preflight(rootfs: &Path) -> Result<(), String> {
+        let output = Command::new("systemd-nspawn")
+            .args([
+                "--quiet",
+                "--register=no",
+                "--keep-unit",
+                "--read-only",
+                "--pipe",
+            ])
+            .arg(format!("--directory={}", rootfs.display()))
+            .arg("true")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("running systemd-nspawn: {e}"))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "systemd-nspawn cannot run a container here ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
+    }
+
+    /// Copies `rootfs`, lets `prepare` write into the copy (files the container should find at boot), then
+    /// boots it and returns once systemd reports the boot finished.
+    pub fn boot(rootfs: &Path, prepare: impl FnOnce(&Path)) -> Container {
+        let root = tempfile::Builder::new()
+            .prefix(&format!("run-{}-", std::process::id()))
+            .tempdir_in(rootfs.parent().unwrap())
+            .unwrap();
+        // A plain copy takes well under a second for this rootfs, and reflinks where the filesystem can.
+        let status = Command::new("cp")
+            .args(["-a", "--reflink=auto"])
+            .arg(rootfs.join("."))
+            .arg(root.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "copying {}", rootfs.display());
+        prepare(root.path());
+
+        let machine = root
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let mut command = Command::new("systemd-nspawn");
+        command
+            // --register=no and --keep-unit: there is no systemd (machined) on the host to register with.
+            // --link-journal=no: the container's journal stays in its own /var/log/journal.
+            .args([
+                "--boot",
+                "--register=no",
+                "--keep-unit",
+                "--link-journal=no",
+            ])
+            .args(["--console=read-only", "--resolv-conf=off", "--timezone=off"])
+            .arg(format!("--machine={machine}"))
+            .arg(format!("--directory={}", root.path().display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // If this test process is killed before it drops the Container, nspawn gets SIGTERM and powers the
+        // container off instead of leaving it running. (The signal follows the thread that spawned nspawn,
+        // which is the one that holds the Container.)
+        // SAFETY: prctl is async-signal-safe, as pre_exec requires.
+        unsafe {
+            command.pre_exec(|| {
+                rustix::process::set_parent_process_death_signal(Some(Signal::TERM))
+                    .map_err(Into::into)
+            });
+        }
+        let mut nspawn = command
+            .spawn()
+            .expect("starting systemd-nspawn (apt-get install systemd-container)");
+        let console = Log::collect(nspawn.stdout.take().unwrap(), "container");
+        let errors = Log::collect(nspawn.stderr.take().unwrap(), "nspawn");
+        // From here on, dropping `container` (also when a wait below panics) stops nspawn before the copy
+        // is removed.
+        let mut container = Container {
+            nspawn,
+            pid1: 0,
+            console,
+            errors,
+            root,
+        };
+        let pid1 = wait_for("the container's systemd to start", PATIENCE, || {
+            container.exited("starting");
+            systemd_child(container.nspawn.id()).ok_or("no child running systemd".to_owned())
+        });
+        container.pid1 = pid1;
+        container.wait_for_boot();
+        container
+    }
+
+    /// The container's root directory, as seen from the host.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// What the container printed on its console so far (systemd's boot and shutdown messages).
+    pub fn console(&self) -> Vec<String> {
+        self.console.lines()
+    }
+
+    /// `program args…` inside the container (all its namespaces, its root, a clean environment).
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--target={}", self.pid1))
+            .args(["--all", "--"])
+            .arg(program)
+            .env_clear()
+            .env("PATH", PATH)
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs `program args…` in the container to completion (bounded by [`PATIENCE`]).
+    pub fn run(&self, program: &str, args: &[&str]) -> Output {
+        let mut child = self
+            .command(program)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running nsenter (util-linux)");
+        // Read both pipes while waiting, so that a chatty command cannot block on a full pipe.
+        let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let stdout = thread::spawn(move || read_all(stdout));
+        let stderr = thread::spawn(move || read_all(stderr));
+        let status = child.wait_timeout(PATIENCE).unwrap().unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("{program} {args:?} still running in the container after {PATIENCE:?}")
+        });
+        Output {
+            status,
+            stdout: stdout.join().unwrap(),
+            stderr: stderr.join().unwrap(),
+        }
+    }
+
+    /// Like [`Container::run`], but panics unless the command succeeds; returns its stdout.
+    pub fn run_ok(&self, program: &str, args: &[&str]) -> String {
+        let output = self.run(program, args);
+        assert!(
+            output.status.success(),
+            "{program} {args:?} in the container: {}\nstdout:\n{}\nstderr:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The journal records that `matches` (journalctl FIELD=value arguments) select, oldest first.
+    pub fn journal(&self, matches: &[&str]) -> Vec<serde_json::Value> {
+        let args = [&["--no-pager", "--output=json"], matches].concat();
+        self.run_ok("journalctl", &args)
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("journalctl -o json prints JSON lines"))
+            .collect()
+    }
+
+    /// Panics if systemd-nspawn has exited: the container is gone, and its console says why.
+    fn exited(&mut self, while_: &str) {
+        if let Some(status) = self.nspawn.try_wait().unwrap() {
+            panic!(
+                "systemd-nspawn exited with {status} while {while_}:\n{}\nconsole:\n{}",
+                self.errors.lines().join("\n"),
+                self.console().join("\n")
+            );
+        }
+    }
+
+    /// Waits until systemd has finished booting: `systemctl is-system-running --wait` once systemd listens.
+    fn wait_for_boot(&mut self) {
+        let state = wait_for("the container's boot to finish", PATIENCE, || {
+            self.exited("booting");
+            // Fails until systemd's private socket exists; then waits for the boot and prints the state.
+            let output = self.run("systemctl", &["is-system-running", "--wait"]);
+            let state = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+            if state.is_empty() || state == "offline" {
+                Err(String::from_utf8_lossy(&output.stderr).into_owned())
+            } else {
+                Ok(state)
+            }
+        });
+        if state != "running" {
+            // "degraded": some unit of the base system failed. Not ours to fix, but worth seeing.
+            let failed = self.run("systemctl", &["--failed", "--no-pager"]);
+            eprintln!(
+                "container booted {state}:\n{}",
+                String::from_utf8_lossy(&failed.stdout)
+            );
+        }
+    }
+
+    /// Powers the container off the way `machinectl poweroff` does (SIGTERM to nspawn, which tells systemd to
+    /// shut down), and waits for nspawn to exit; SIGKILL if that takes too long.
+    fn stop(&mut self) {
+        let pid = Pid::from_child(&self.nspawn);
+        let _ = rustix::process::kill_process(pid, Signal::TERM);
+        if self.nspawn.wait_timeout(PATIENCE).unwrap().is_none() {
+            eprintln!(
+                "the container did not shut down within {PATIENCE:?}; killing systemd-nspawn"
+            );
+            let _ = self.nspawn.kill();
+            let _ = self.nspawn.wait();
+        }
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        self.stop();
+        // `root` (the copy) is removed after this, once nothing runs from it.
+    }
+}
+
+/// The child of systemd-nspawn that runs systemd: the container's PID 1.
+fn systemd_child(nspawn: u32) -> Option<u32> {
+    let tasks = fs::read_dir(format!("/proc/{nspawn}/task")).ok()?;
+    tasks
+        .flatten()
+        .filter_map(|task| fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|children| {
+            children
+                .split_whitespace()
+                .filter_map(|pid| pid.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .find(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim() == "systemd")
+        })
+}
+
+/// Polls `check` until it returns `Ok`, at most `limit`; after that, panics naming `what` and the last `Err`
+/// (what was seen instead). For states that only systemd knows, which no event of ours announces.
+pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(found) => return found,
+            Err(seen) if Instant::now() >= deadline => {
+                panic!("gave up waiting for {what} after {limit:?}; last seen: {seen}")
+            }
+            Err(_) => thread::sleep(POLL),
+        }
+    }
+}
+
+fn read_all(mut source: impl std::io::Read) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let _ = source.read_to_end(&mut buf);
+    buf
+}
