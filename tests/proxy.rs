@@ -357,10 +357,7 @@ fn hung_api_is_shown_to_the_user() {
 #[test]
 fn vm_that_never_answers_hits_the_deadline() {
     let vm = Vm::new(); // never started
-    let api = StartApi::serve({
-        let ip = vm.ip();
-        move |_| Answer::json(json!({ "vm_ip": ip.to_string() }))
-    });
+    let api = StartApi::pointing_at(&vm);
     let proxy = Proxy::builder(&api.url())
         .args(["--boot-timeout", "2s"])
         .start();
@@ -430,11 +427,8 @@ fn port_forward_that_accepts_before_the_guest_listens() {
 #[test]
 fn client_gone_while_the_vm_boots_ends_the_instance_within_a_second() {
     let vm = Vm::new(); // never boots
-    let api = StartApi::serve({
-        let ip = vm.ip();
-        move |_| Answer::json(json!({ "vm_ip": ip.to_string() }))
-    });
-    let proxy = Proxy::start(&api.url()); // boot deadline 60 s
+    let api = StartApi::pointing_at(&vm);
+    let proxy = Proxy::start(&api.url()); // boot deadline: the default 120 s
     let mut client = ssh(proxy.addr, &vm.client_key())
         .arg("true")
         .stdin(Stdio::null())

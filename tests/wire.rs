@@ -28,6 +28,19 @@ fn connect(proxy: &Proxy) -> TcpStream {
     stream
 }
 
+/// Connects as an SSH client would, and checks that everything it receives until the proxy closes is our
+/// disconnect message with `reason`.
+fn assert_told_exactly(proxy: &Proxy, reason: &str) {
+    let mut stream = connect(proxy);
+    stream.write_all(CLIENT_IDENTIFICATION).unwrap();
+    let mut received = Vec::new();
+    stream.read_to_end(&mut received).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&received),
+        String::from_utf8_lossy(&disconnect::message(reason))
+    );
+}
+
 /// Reads one line, LF included.
 fn read_line(stream: &mut TcpStream) -> Vec<u8> {
     let mut line = Vec::new();
@@ -63,10 +76,7 @@ fn name_lists(payload: &mut Vec<u8>, lists: &[&str]) {
 fn half_closed_client_still_gets_the_reply() {
     let vm = Vm::new();
     vm.start();
-    let api = StartApi::serve({
-        let ip = vm.ip();
-        move |_| Answer::text(ip.to_string())
-    });
+    let api = StartApi::pointing_at(&vm);
     let proxy = Proxy::start(&api.url());
     let mut stream = connect(&proxy);
     stream.write_all(CLIENT_IDENTIFICATION).unwrap();
@@ -117,15 +127,9 @@ fn refused_client_gets_exactly_the_disconnect_message() {
     let proxy = Proxy::builder(&api.url())
         .handover(Handover::InetdWithStderrOnSocket)
         .start();
-    let mut stream = connect(&proxy);
-    stream.write_all(CLIENT_IDENTIFICATION).unwrap();
-    let mut received = Vec::new();
-    stream.read_to_end(&mut received).unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&received),
-        String::from_utf8_lossy(&disconnect::message(
-            "VM failed to start: the start API answered 403 Forbidden: not today"
-        ))
+    assert_told_exactly(
+        &proxy,
+        "VM failed to start: the start API answered 403 Forbidden: not today",
     );
 }
 
@@ -168,14 +172,8 @@ fn bad_command_line_is_not_shown_to_the_client() {
         .arg("--no-such-flag")
         .handover(Handover::InetdWithStderrOnSocket)
         .start();
-    let mut stream = connect(&proxy);
-    stream.write_all(CLIENT_IDENTIFICATION).unwrap();
-    let mut received = Vec::new();
-    stream.read_to_end(&mut received).unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&received),
-        String::from_utf8_lossy(&disconnect::message(
-            "ssh-on-demand is misconfigured on this host; its operator can read why in the journal"
-        ))
+    assert_told_exactly(
+        &proxy,
+        "ssh-on-demand is misconfigured on this host; its operator can read why in the journal",
     );
 }

@@ -142,6 +142,12 @@ impl StartApi {
         })
     }
 
+    /// Answers every request with `vm`'s address as JSON, and boots nothing: `vm` is up, or never will be.
+    pub fn pointing_at(vm: &super::vm::Vm) -> StartApi {
+        let ip = vm.ip().to_string();
+        StartApi::serve(move |_| Answer::json(serde_json::json!({ "vm_ip": ip })))
+    }
+
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/start", self.port)
     }
