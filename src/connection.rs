@@ -142,8 +142,8 @@ impl Connection {
     /// `None` if the client reset the connection between accept and now: nobody to serve, nothing to record.
     fn new(client: TcpStream) -> Option<Connection> {
         Some(Connection {
-            peer: client.peer_addr().ok()?,
-            local: client.local_addr().ok()?,
+            peer: canonical(client.peer_addr().ok()?),
+            local: canonical(client.local_addr().ok()?),
             client,
             accepted: Instant::now(),
             early: Vec::with_capacity(4096),
@@ -367,6 +367,12 @@ async fn until_client_leaves<T>(
             },
         }
     }
+}
+
+/// `ListenStream=22` listens on IPv6 and IPv4 at once, and shows IPv4 peers as `::ffff:203.0.113.9`; the
+/// start API and the journal get `203.0.113.9`, which is what an operator knows and searches for.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// Shown by `systemctl status` for the connection's unit; a no-op outside systemd.

@@ -99,6 +99,22 @@ fn login_runs_a_command_with_its_output_and_exit_status() {
     );
 }
 
+/// `ListenStream=22` makes a dual-stack socket, on which IPv4 clients show as ::ffff:a.b.c.d; the API and
+/// the journal get the plain IPv4 address, which is what an operator searches for.
+#[test]
+fn ipv4_clients_of_a_dual_stack_socket_are_plain_ipv4() {
+    let vm = Vm::new();
+    let api = StartApi::booting(&vm, BOOT_TIME);
+    let proxy = Proxy::builder(&api.url()).dual_stack().start();
+    let output = run(ssh(proxy.addr, &vm.client_key()).arg("true"), PATIENCE);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let body = api.requests()[0].json();
+    assert_eq!(body["client_addr"], "127.0.0.1");
+    assert_eq!(body["local_addr"], "127.0.0.1");
+    let summary = proxy.wait_for_summary(1);
+    assert!(summary.contains("client_addr=127.0.0.1 "), "{summary}");
+}
+
 #[test]
 fn plain_text_answer_with_a_port() {
     let vm = Vm::with_port(2222);

@@ -10,6 +10,7 @@ use std::{
 };
 
 use command_fds::{CommandFdExt, FdMapping};
+use socket2::{Domain, Socket, Type};
 
 use super::{PATIENCE, log::Log};
 
@@ -27,6 +28,7 @@ pub enum Handover {
 }
 
 pub struct ProxyBuilder {
+    dual_stack: bool,
     config: String,
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -56,6 +58,14 @@ impl ProxyBuilder {
         self
     }
 
+    /// Listens like `ListenStream=22` does by default: an IPv6 socket that also takes IPv4 connections, whose
+    /// peers then show as IPv4-mapped IPv6 addresses (::ffff:127.0.0.1). Bound to that mapped loopback
+    /// address only, not to every address.
+    pub fn dual_stack(mut self) -> Self {
+        self.dual_stack = true;
+        self
+    }
+
     pub fn handover(mut self, handover: Handover) -> Self {
         self.handover = handover;
         self
@@ -64,8 +74,18 @@ impl ProxyBuilder {
     pub fn start(self) -> Proxy {
         // Bound here on port 0 and inherited by systemd-socket-activate through LISTEN_FDS, so no fixed
         // port and no wait for the proxy to listen.
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listener = if self.dual_stack {
+            let socket = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
+            socket.set_only_v6(false).unwrap();
+            socket
+                .bind(&"[::ffff:127.0.0.1]:0".parse::<SocketAddr>().unwrap().into())
+                .unwrap();
+            socket.listen(128).unwrap();
+            TcpListener::from(socket)
+        } else {
+            TcpListener::bind("127.0.0.1:0").unwrap()
+        };
+        let addr = SocketAddr::new([127, 0, 0, 1].into(), listener.local_addr().unwrap().port());
         let mut command = Command::new("sh");
         command
             .arg("-c")
@@ -119,6 +139,7 @@ impl Proxy {
     /// with a boot deadline long enough for any test machine.
     pub fn builder(api_url: &str) -> ProxyBuilder {
         ProxyBuilder {
+            dual_stack: false,
             config: "/dev/null".into(),
             args: vec!["--api-url".into(), api_url.into()],
             env: vec![("SSH_ON_DEMAND_LOG_LEVEL".into(), "debug".into())],
