@@ -250,7 +250,7 @@ class Peer:
             return None
         if self.kind == "single-process":
             # systemd-socket-proxyd: systemd-socket-activate (Accept=no) execs it in place, so the PID we
-            # started is the relay, serving every connection. Same for the optional quickack relay.
+            # started is the relay, serving every connection.
             return self.proc.pid
         # per-connection: a child of systemd-socket-activate; socat: a forked child of the socat we started
         pid = serving_pid(children(self.proc.pid), ssh_pid)
@@ -382,15 +382,6 @@ class Bench:
                                "single-process", proc))
         sock.close()
 
-        if self.args.quickack_peer:
-            sock = listening_socket()
-            with open(self.path("quickack.log"), "wb") as err:
-                proc = self.procs.spawn("quickack relay", [
-                    PYTHON, os.path.join(BENCH, "peers", "quickack_relay.py"), str(sock.fileno()), vm],
-                    pass_fds=[sock.fileno()], stderr=err)
-            self.peers.append(Peer("quickack", "relay+QUICKACK (exp.)", "127.0.0.1", sock.getsockname()[1],
-                                   "single-process", proc))
-            sock.close()
         for peer in self.peers:
             log(f"peer {peer.label:<22} {peer.host}:{peer.port}" + (f" (PID {peer.proc.pid})" if peer.proc else ""))
 
@@ -670,7 +661,7 @@ class Bench:
         self.results["config"] = {
             "runs": self.args.runs, "ident_runs": self.args.ident_runs, "mib": self.args.mib,
             "reps": self.args.reps, "cipher": CIPHER, "vm": f"{self.args.vm_ip}:22",
-            "binary": self.args.binary, "goal_ms": self.args.goal_ms, "quickack_peer": self.args.quickack_peer,
+            "binary": self.args.binary, "goal_ms": self.args.goal_ms,
         }
         self.results["environment"] = environment(self.args)
         self.results["duration_s"] = time.perf_counter() - started
@@ -931,9 +922,6 @@ def main():
     parser.add_argument("--session-timeout", type=float, default=300.0)
     parser.add_argument("--json", default=os.path.join(BENCH, "results", "latest.json"))
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, keys)")
-    parser.add_argument("--quickack-peer", action="store_true", default=bool(os.environ.get("BENCH_QUICKACK_PEER")),
-                        help="add an experimental 6th peer: a relay that re-arms TCP_QUICKACK after every read "
-                             "(env BENCH_QUICKACK_PEER=1)")
     args = parser.parse_args()
     if not args.vm_ip.startswith("127.") or args.runs < 1 or args.reps < 1 or args.mib < 1 or args.ident_runs < 1:
         parser.error("--vm-ip must be in 127.0.0.0/8 and the counts positive")
