@@ -1,7 +1,7 @@
 //! Connection: one client from accept to close: its identification, the start API, the wait for the VM, the
 //! relay or the refusal, and the one summary record.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, process::ExitCode, time::Duration};
 
 use tokio::{
     io::AsyncReadExt,
@@ -59,6 +59,15 @@ impl Outcome {
             self,
             Outcome::ApiFailed | Outcome::VmNotReady | Outcome::Misconfigured
         )
+    }
+
+    /// 1 for a failure (systemd then marks the instance failed until it is collected), else 0.
+    pub fn exit_code(self) -> ExitCode {
+        if self.is_failure() {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        }
     }
 }
 

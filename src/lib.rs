@@ -19,7 +19,7 @@ use std::{process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
 
-use crate::{config::Config, connection::Outcome};
+use crate::config::Config;
 
 /// Serves the one connection systemd handed to this process, with `config` or, if it is an error, by telling
 /// the client the host is misconfigured. Returns the exit status: 0 when the client was relayed or left, 1
@@ -74,15 +74,5 @@ pub(crate) fn seconds(duration: Duration) -> String {
         format!("{secs:.0} s")
     } else {
         format!("{secs:.1} s")
-    }
-}
-
-impl Outcome {
-    pub fn exit_code(self) -> ExitCode {
-        if self.is_failure() {
-            ExitCode::FAILURE
-        } else {
-            ExitCode::SUCCESS
-        }
     }
 }
