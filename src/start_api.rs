@@ -57,6 +57,9 @@ pub struct Started {
 pub enum ApiError {
     #[error("cannot reach the start API ({0})")]
     Unreachable(String),
+    /// A certificate that is not trusted will not become trusted by retrying.
+    #[error("the start API's TLS connection failed ({0})")]
+    Tls(String),
     #[error("the start API did not answer within {}", crate::seconds(*.0))]
     Timeout(Duration),
     #[error("the start API answered {status}{}", .detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default())]
@@ -212,10 +215,35 @@ fn classify(error: reqwest::Error) -> ApiError {
     }
     // reqwest's own text is "error sending request for url (…)"; the innermost cause says what went wrong.
     let mut cause: &dyn std::error::Error = &error;
-    while let Some(source) = cause.source() {
-        cause = source;
+    let mut tls = false;
+    loop {
+        tls |= is_tls_error(cause);
+        match cause.source() {
+            Some(source) => cause = source,
+            None => break,
+        }
     }
-    ApiError::Unreachable(cause.to_string())
+    if tls {
+        ApiError::Tls(cause.to_string())
+    } else {
+        ApiError::Unreachable(cause.to_string())
+    }
+}
+
+/// A rustls error, which reaches us wrapped in `io::Error`s (whose `source()` skips what they wrap).
+fn is_tls_error(mut error: &(dyn std::error::Error + 'static)) -> bool {
+    loop {
+        if error.is::<rustls::Error>() {
+            return true;
+        }
+        match error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            Some(inner) => error = inner,
+            None => return false,
+        }
+    }
 }
 
 async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, ApiError> {
@@ -441,6 +469,7 @@ mod tests {
         assert!(status(StatusCode::SERVICE_UNAVAILABLE).is_transient());
         assert!(!status(StatusCode::FORBIDDEN).is_transient());
         assert!(!ApiError::BadAnswer("x".into()).is_transient());
+        assert!(!ApiError::Tls("invalid peer certificate".into()).is_transient());
         assert!(!ApiError::TooLarge.is_transient());
     }
 }
