@@ -44,7 +44,6 @@ pub struct Ready {
 pub struct NotReady {
     pub addr: SocketAddr,
     pub waited: Duration,
-    pub attempts: u32,
     pub last: String,
 }
 
@@ -87,12 +86,7 @@ pub async fn wait_for_sshd(
         let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
         sleep_until(deadline.min(Instant::now() + delay)).await;
         if Instant::now() >= deadline {
-            return Err(NotReady {
-                addr,
-                waited,
-                attempts,
-                last,
-            });
+            return Err(NotReady { addr, waited, last });
         }
     }
 }
@@ -156,7 +150,6 @@ mod tests {
         let error = NotReady {
             addr: "192.168.0.57:22".parse().unwrap(),
             waited: Duration::from_secs(120),
-            attempts: 9,
             last: "connection refused".into(),
         };
         assert_eq!(
