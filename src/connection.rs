@@ -246,11 +246,9 @@ impl Connection {
             received,
             ..
         } = ready;
-        status(&format!(
-            "relaying {} <-> {}",
-            self.peer,
-            vm.peer_addr().map_or("VM".to_owned(), |a| a.to_string())
-        ));
+        if let Some(vm) = self.stats.vm {
+            status(&format!("relaying {} <-> {vm}", self.peer));
+        }
         let (transferred, result) =
             relay::relay(&mut self.client, &mut vm, &self.early, &received).await;
         self.stats.transferred = transferred;

@@ -2,8 +2,9 @@
 //!
 //! systemd starts one process per connection (`Accept=yes`). The process takes the client's socket
 //! ([`activation`]), asks the operator's API to start the VM ([`start_api`]), waits until the VM's sshd
-//! identifies itself ([`readiness`]) and relays bytes both ways ([`relay`]). If there is no VM to give, the ssh
-//! client is told why ([`disconnect`]). [`connection`] ties these together for one client.
+//! identifies itself ([`readiness`]), both retrying within one deadline ([`retry`]), and relays bytes both
+//! ways ([`relay`]). If there is no VM to give, the ssh client is told why ([`disconnect`]). [`connection`]
+//! ties these together for one client.
 
 pub mod activation;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod disconnect;
 pub mod logging;
 pub mod readiness;
 pub mod relay;
+pub mod retry;
 pub mod secret;
 pub mod start_api;
 

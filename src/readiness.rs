@@ -6,13 +6,14 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::{
     io::AsyncReadExt,
     net::TcpStream,
-    time::{Instant, sleep_until, timeout_at},
+    time::{Instant, timeout_at},
 };
 use tracing::debug;
+
+use crate::retry::Backoff;
 
 /// First pause between attempts: a VM that is almost up should cost tens of milliseconds, not seconds. It
 /// doubles (with jitter) up to [`MAX_RETRY_DELAY`].
@@ -63,12 +64,7 @@ pub async fn wait_for_sshd(
     waited: Duration,
     timeouts: Timeouts,
 ) -> Result<Ready, NotReady> {
-    let mut delays = ExponentialBuilder::new()
-        .with_min_delay(FIRST_RETRY_DELAY)
-        .with_max_delay(MAX_RETRY_DELAY)
-        .with_jitter()
-        .without_max_times()
-        .build();
+    let mut backoff = Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY);
     let mut attempts = 0;
     loop {
         attempts += 1;
@@ -83,9 +79,7 @@ pub async fn wait_for_sshd(
             Err(last) => last,
         };
         debug!(attempt = attempts, error = %last, "VM not ready yet");
-        let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
-        sleep_until(deadline.min(Instant::now() + delay)).await;
-        if Instant::now() >= deadline {
+        if !backoff.pause(deadline).await {
             return Err(NotReady { addr, waited, last });
         }
     }

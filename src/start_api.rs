@@ -12,17 +12,16 @@ use std::{
 };
 
 use anyhow::{Context, ensure};
-use backon::{BackoffBuilder, ExponentialBuilder};
 use reqwest::{
     Certificate, StatusCode, Url,
     header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue},
     redirect::Policy,
 };
 use serde::{Deserialize, Serialize};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, timeout};
 use tracing::warn;
 
-use crate::config::ApiConfig;
+use crate::{config::ApiConfig, retry::Backoff};
 
 /// Bigger answers are refused: an address fits in a few dozen bytes, and a runaway body must not eat memory.
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -142,12 +141,7 @@ impl StartApi {
         deadline: Instant,
     ) -> Result<Started, ApiError> {
         let body = serde_json::to_vec(request).expect("addresses and strings always serialize");
-        let mut delays = ExponentialBuilder::new()
-            .with_min_delay(FIRST_RETRY_DELAY)
-            .with_max_delay(MAX_RETRY_DELAY)
-            .with_jitter()
-            .without_max_times()
-            .build();
+        let mut backoff = Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY);
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -158,10 +152,8 @@ impl StartApi {
             if !error.is_transient() || Instant::now() >= deadline {
                 return Err(error);
             }
-            let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
-            warn!(attempt = attempts, %error, "start API failed; retrying in {delay:.1?}");
-            sleep_until(deadline.min(Instant::now() + delay)).await;
-            if Instant::now() >= deadline {
+            warn!(attempt = attempts, %error, "start API failed; retrying");
+            if !backoff.pause(deadline).await {
                 return Err(error);
             }
         }
