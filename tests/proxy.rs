@@ -21,7 +21,7 @@ use common::{
     PATIENCE,
     api::{Answer, StartApi},
     proxy::{Handover, Proxy},
-    ssh::{run, scp, ssh},
+    ssh::{assert_echo, run, scp, ssh},
     tls::HttpsApi,
     vm::Vm,
 };
@@ -126,12 +126,7 @@ fn plain_text_answer_with_a_port() {
         })
     };
     let proxy = Proxy::start(&api.url());
-    let output = run(
-        ssh(proxy.addr, &vm.client_key()).arg("echo plain"),
-        PATIENCE,
-    );
-    assert!(output.status.success(), "{}", stderr(&output));
-    assert_eq!(stdout(&output), "plain\n");
+    assert_echo(proxy.addr, &vm.client_key(), "plain");
 }
 
 #[test]
@@ -141,9 +136,7 @@ fn connection_on_fd_3_with_listen_fds() {
     let proxy = Proxy::builder(&api.url())
         .handover(Handover::ListenFds)
         .start();
-    let output = run(ssh(proxy.addr, &vm.client_key()).arg("echo fd3"), PATIENCE);
-    assert!(output.status.success(), "{}", stderr(&output));
-    assert_eq!(stdout(&output), "fd3\n");
+    assert_echo(proxy.addr, &vm.client_key(), "fd3");
 }
 
 #[test]
@@ -260,12 +253,7 @@ fn api_errors_are_retried_until_it_answers() {
         })
     };
     let proxy = Proxy::start(&api.url());
-    let output = run(
-        ssh(proxy.addr, &vm.client_key()).arg("echo third time"),
-        PATIENCE,
-    );
-    assert!(output.status.success(), "{}", stderr(&output));
-    assert_eq!(stdout(&output), "third time\n");
+    assert_echo(proxy.addr, &vm.client_key(), "third time");
     assert_eq!(api.requests().len(), 3);
     proxy.log.wait_for(PATIENCE, |l| {
         l.contains("500 Internal Server Error") && l.contains("retrying")
@@ -428,12 +416,7 @@ fn port_forward_that_accepts_before_the_guest_listens() {
         })
     };
     let proxy = Proxy::start(&api.url());
-    let output = run(
-        ssh(proxy.addr, &vm.client_key()).arg("echo through"),
-        PATIENCE,
-    );
-    assert!(output.status.success(), "{}", stderr(&output));
-    assert_eq!(stdout(&output), "through\n");
+    assert_echo(proxy.addr, &vm.client_key(), "through");
     assert!(
         accepted.load(Ordering::SeqCst) >= 2,
         "the proxy must have retried after accepted-then-closed connections"
@@ -531,7 +514,5 @@ fn https_start_api_is_trusted_through_api_ca_file() {
     let proxy = Proxy::builder(&api.url)
         .arg(format!("--api-ca-file={}", api.ca_file.display()))
         .start();
-    let output = run(ssh(proxy.addr, &vm.client_key()).arg("echo tls"), PATIENCE);
-    assert!(output.status.success(), "{}", stderr(&output));
-    assert_eq!(stdout(&output), "tls\n");
+    assert_echo(proxy.addr, &vm.client_key(), "tls");
 }

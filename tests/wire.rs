@@ -12,7 +12,7 @@ use common::{
     PATIENCE,
     api::{Answer, StartApi},
     proxy::{Handover, Proxy},
-    ssh::{run, ssh},
+    ssh::assert_echo,
     vm::Vm,
 };
 use ssh_on_demand::disconnect::{self, binary_packet, put_string};
@@ -152,16 +152,7 @@ fn relayed_client_gets_only_the_vms_bytes() {
     );
     drop(stream);
 
-    let output = run(
-        ssh(proxy.addr, &vm.client_key()).arg("echo clean"),
-        PATIENCE,
-    );
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(output.stdout, b"clean\n");
+    assert_echo(proxy.addr, &vm.client_key(), "clean");
 }
 
 /// A broken command line in the unit, with stderr on the socket: clap's usage text must not reach the client,

@@ -47,6 +47,18 @@ pub fn scp(proxy: SocketAddr, key: &Path) -> Command {
     command
 }
 
+/// Logs in through the proxy at `proxy`, runs `echo WORD`, and checks that the login worked and the output
+/// came back.
+pub fn assert_echo(proxy: SocketAddr, key: &Path, word: &str) {
+    let output = run(ssh(proxy, key).arg(format!("echo {word}")), super::PATIENCE);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout), format!("{word}\n"));
+}
+
 /// Runs `command` to completion with stdin closed; kills it and panics if it takes longer than `limit`.
 pub fn run(command: &mut Command, limit: Duration) -> Output {
     let mut child = command
