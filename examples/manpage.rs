@@ -13,9 +13,11 @@ use clap_mangen::{
     roff::{Roff, bold, italic, roman},
 };
 use ssh_on_demand::{
-    config::{Cli, DEFAULT_CONFIG_FILE, TOKEN_CREDENTIAL},
-    connection::{Outcome, SUMMARY_MESSAGE_ID},
+    cli::Cli,
+    config::{DEFAULT_CONFIG_FILE, TOKEN_CREDENTIAL, defaults::STATE_DIR as DEFAULT_STATE_DIR},
     logging::SYSLOG_IDENTIFIER,
+    report::{Outcome, SUMMARY_MESSAGE_ID},
+    vm::lifecycle::LIFECYCLE_MESSAGE_ID,
 };
 
 /// Where the package installs the token for `LoadCredential=api-token:ssh-on-demand.api-token`.
@@ -109,7 +111,26 @@ fn extra_sections() -> Roff {
         &mut roff,
         "/usr/lib/systemd/system/ssh-on-demand@.service",
         "One connection: the client's socket on standard input, logs to the journal, progress in \
-         systemctl status (STATUS=).",
+         systemctl status (STATUS=). The last session of a VM stays for its idle_timeout, then stops it.",
+    );
+    item(
+        &mut roff,
+        "/usr/lib/systemd/system/ssh-on-demand-sweep.timer",
+        "Runs ssh-on-demand sweep every minute (started with the socket): stops VMs whose idle waiter was \
+         killed, and forgets VMs that have not run for a day.",
+    );
+    item(
+        &mut roff,
+        "/usr/lib/systemd/system/ssh-on-demand-daemon.socket",
+        "The daemon mode instead (Accept=no, one process for every connection, Type=notify with watchdog, \
+         reload and drain): systemctl disable --now ssh-on-demand.socket, then systemctl enable --now \
+         ssh-on-demand-daemon.socket.",
+    );
+    item(
+        &mut roff,
+        DEFAULT_STATE_DIR,
+        "What connections share about each VM (starts in flight, sessions, idle clocks), in flock(2)-guarded \
+         files; read by ssh-on-demand status.",
     );
 
     roff.control("SH", ["JOURNAL"]);
@@ -123,7 +144,11 @@ fn extra_sections() -> Roff {
     roff.text([bold(format!(
         "journalctl -t {SYSLOG_IDENTIFIER} -p warning MESSAGE_ID={SUMMARY_MESSAGE_ID}"
     ))]);
-    roff.text([roman("lists the failed logins. OUTCOME is one of:")]);
+    roff.text([roman(format!(
+        "lists the failed logins (and failed stops). Each decision about a VM's life (idle, keep, stop, \
+         stopped, stop_failed) is one record with MESSAGE_ID={LIFECYCLE_MESSAGE_ID} and VM_KEY, PROFILE, \
+         VM, DECISION, WHY and IDLE_S. OUTCOME is one of:"
+    ))]);
     for (outcome, meaning) in [
         (Outcome::Relayed, "the client was relayed to its VM"),
         (
@@ -140,6 +165,7 @@ fn extra_sections() -> Roff {
             "the VM's sshd did not answer by boot_timeout",
         ),
         (Outcome::Misconfigured, "the configuration is unusable"),
+        (Outcome::Busy, "daemon: over one of its limits, or stopping"),
     ] {
         item(&mut roff, outcome.as_str(), meaning);
     }
@@ -153,7 +179,7 @@ fn extra_sections() -> Roff {
     item(
         &mut roff,
         "1",
-        "The user got no VM (api_failed, vm_not_ready, misconfigured); the ssh client was told why. \
+        "The user got no VM (api_failed, vm_not_ready, misconfigured, busy); the ssh client was told why. \
          check-config: the configuration is unusable.",
     );
     item(

@@ -1,218 +1,75 @@
-//! Configuration: the command line, the environment and the TOML file, merged into the settings a connection uses.
+//! Configuration: flags, environment and the TOML file merged, checked in one pass, into profiles.
 //!
-//! Precedence, highest first: command-line flags, `SSH_ON_DEMAND_*` environment variables, the TOML file,
-//! built-in defaults. The API token is never taken from the command line or the environment, where other
+//! Precedence, highest first: command-line flags, `SSH_ON_DEMAND_*` environment variables, the file's top
+//! level, built-in defaults. A `[profiles.NAME]` table takes the connections of its `ports` and overrides the
+//! top level for them. The API token is never taken from the command line or the environment, where other
 //! users can read it (`ps`, `/proc/*/environ`): only from a file or a systemd credential.
 
 use std::{
-    fmt, fs, io,
+    collections::BTreeMap,
+    fs, io,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
+use std::net::IpAddr;
+
 use anyhow::{Context, Result, bail, ensure};
-use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
 use reqwest::{
     Url,
     header::{AUTHORIZATION, HeaderName, HeaderValue},
 };
-use serde::Deserialize;
-use tracing::level_filters::LevelFilter;
 
-use crate::{logging::LogTarget, secret::Secret};
+use crate::{
+    cli::{Cli, Settings, SilentClients, VmScope},
+    secret::{Secret, SecretUrl},
+};
 
 /// Read when no `--config` is given; its absence is not an error.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/ssh-on-demand/config.toml";
 /// Name of the API token in `$CREDENTIALS_DIRECTORY` (`LoadCredential=api-token:…` in the unit).
 pub const TOKEN_CREDENTIAL: &str = "api-token";
 
-/// Built-in defaults, one per setting that has one.
-pub mod defaults {
-    use std::time::Duration;
+pub mod defaults;
 
-    /// One start API request, connect to last body byte.
-    pub const API_TIMEOUT: Duration = Duration::from_secs(10);
-    /// The start API and the VM's sshd together, from the client's identification on.
-    pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-    /// One TCP connect attempt to the VM.
-    pub const VM_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-    /// The VM's identification line after one TCP connect succeeded.
-    pub const VM_BANNER_TIMEOUT: Duration = Duration::from_secs(5);
-    /// The client's identification line; nothing is started before it arrives.
-    pub const CLIENT_BANNER_TIMEOUT: Duration = Duration::from_secs(10);
-    /// Where the VM's sshd listens when the start API names no port.
-    pub const VM_PORT: u16 = 22;
-}
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "ssh-on-demand",
-    version,
-    about = "Boots a VM when someone connects with plain ssh, then relays the connection",
-    long_about = "Boots a VM when someone connects with plain ssh, then relays the connection.\n\n\
-        Without a subcommand it serves one client connection handed over by systemd: a socket unit \
-        with Accept=yes starts one instance per connection, with the client's TCP socket on standard \
-        input (StandardInput=socket) or as fd 3 (LISTEN_FDS). It asks the start API to start the VM, \
-        waits until the VM's sshd sends its SSH identification line, and relays bytes both ways. If the \
-        VM cannot be started, the ssh client is told why.\n\n\
-        Settings come from flags, then SSH_ON_DEMAND_* environment variables, then the TOML file, \
-        then built-in defaults.",
-    after_help = "See README.md for the start API contract and the systemd units."
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-
-    /// TOML configuration file (keys as the long flags, with _ for -) [default: /etc/ssh-on-demand/config.toml, if it exists]
-    #[arg(
-        long,
-        short = 'c',
-        env = "SSH_ON_DEMAND_CONFIG",
-        value_name = "FILE",
-        global = true
-    )]
-    pub config: Option<PathBuf>,
-
-    #[command(flatten)]
-    pub settings: Settings,
-
-    /// Where log records go; auto: the journal under systemd, else stderr, and never the client's socket
-    #[arg(long, env = "SSH_ON_DEMAND_LOG_TARGET", value_enum, default_value_t = LogTarget::Auto, global = true)]
-    pub log_target: LogTarget,
-
-    /// Most detailed level logged: error, warn, info, debug or trace
-    #[arg(
-        long,
-        env = "SSH_ON_DEMAND_LOG_LEVEL",
-        default_value = "info",
-        value_name = "LEVEL",
-        global = true
-    )]
-    pub log_level: LevelFilter,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Validate the configuration and print the effective settings, secrets masked; exit 1 on any error
-    CheckConfig,
-}
-
-/// The settings that flags, environment and file can all give. Every field is optional here; defaults are
-/// applied by [`Config::resolve`]. The same struct is the TOML schema, so the file's keys are the flags' names.
-#[derive(Debug, Clone, Default, Args, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Settings {
-    /// URL of the start API, which gets one POST per connection (required)
-    #[arg(long, env = "SSH_ON_DEMAND_API_URL", value_name = "URL", global = true)]
-    pub api_url: Option<String>,
-
-    /// File holding the start API's bearer token [default: the systemd credential "api-token", if any]
-    #[arg(
-        long,
-        env = "SSH_ON_DEMAND_API_TOKEN_FILE",
-        value_name = "FILE",
-        global = true
-    )]
-    pub api_token_file: Option<PathBuf>,
-
-    /// PEM file of extra CA certificates trusted for an https start API, besides the system's
-    #[arg(
-        long,
-        env = "SSH_ON_DEMAND_API_CA_FILE",
-        value_name = "FILE",
-        global = true
-    )]
-    pub api_ca_file: Option<PathBuf>,
-
-    /// Extra header for the start API, as "Name: value"; repeat for more (TOML: api_headers = [...])
-    #[arg(long = "api-header", value_name = "NAME: VALUE", global = true)]
-    #[serde(default)]
-    pub api_headers: Vec<String>,
-
-    /// Time one start API request may take [default: 10s]
-    #[arg(long, env = "SSH_ON_DEMAND_API_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION", global = true)]
-    #[serde(default, with = "humantime_serde")]
-    pub api_timeout: Option<Duration>,
-
-    /// VM profile name, passed on to the start API
-    #[arg(
-        long,
-        env = "SSH_ON_DEMAND_PROFILE",
-        value_name = "NAME",
-        global = true
-    )]
-    pub profile: Option<String>,
-
-    /// Port of the VM's sshd when the start API names none [default: 22]
-    #[arg(
-        long,
-        env = "SSH_ON_DEMAND_VM_PORT",
-        value_name = "PORT",
-        global = true
-    )]
-    pub vm_port: Option<u16>,
-
-    /// Deadline for the start API and the VM's sshd together, per connection [default: 120s]
-    #[arg(long, env = "SSH_ON_DEMAND_BOOT_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION", global = true)]
-    #[serde(default, with = "humantime_serde")]
-    pub boot_timeout: Option<Duration>,
-
-    /// Time one TCP connect attempt to the VM may take [default: 1s]
-    #[arg(long, env = "SSH_ON_DEMAND_VM_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION", global = true)]
-    #[serde(default, with = "humantime_serde")]
-    pub vm_connect_timeout: Option<Duration>,
-
-    /// Time the VM may take to send its SSH identification once connected, per attempt [default: 5s]
-    #[arg(long, env = "SSH_ON_DEMAND_VM_BANNER_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION", global = true)]
-    #[serde(default, with = "humantime_serde")]
-    pub vm_banner_timeout: Option<Duration>,
-
-    /// Time the client may take to send its SSH identification; nothing is started before it [default: 10s]
-    #[arg(long, env = "SSH_ON_DEMAND_CLIENT_BANNER_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION", global = true)]
-    #[serde(default, with = "humantime_serde")]
-    pub client_banner_timeout: Option<Duration>,
-}
-
-impl Settings {
-    /// Each setting from `self` where given, else from `lower`.
-    fn or(self, lower: Settings) -> Settings {
-        Settings {
-            api_url: self.api_url.or(lower.api_url),
-            api_token_file: self.api_token_file.or(lower.api_token_file),
-            api_ca_file: self.api_ca_file.or(lower.api_ca_file),
-            api_headers: if self.api_headers.is_empty() {
-                lower.api_headers
-            } else {
-                self.api_headers
-            },
-            api_timeout: self.api_timeout.or(lower.api_timeout),
-            profile: self.profile.or(lower.profile),
-            vm_port: self.vm_port.or(lower.vm_port),
-            boot_timeout: self.boot_timeout.or(lower.boot_timeout),
-            vm_connect_timeout: self.vm_connect_timeout.or(lower.vm_connect_timeout),
-            vm_banner_timeout: self.vm_banner_timeout.or(lower.vm_banner_timeout),
-            client_banner_timeout: self.client_banner_timeout.or(lower.client_banner_timeout),
-        }
-    }
-}
-
-/// The effective configuration of one process.
+/// The effective configuration.
 #[derive(Debug)]
 pub struct Config {
     /// The TOML file that was read, if any.
     pub file: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    /// For connections that no named profile's `ports` takes. `None` when the file only has named profiles.
+    pub default: Option<Arc<Profile>>,
+    pub profiles: Vec<Arc<Profile>>,
+    pub daemon: DaemonConfig,
+}
+
+/// One VM (or pool of VMs) behind this host: how to start and stop it, and every deadline on the way.
+#[derive(Debug)]
+pub struct Profile {
+    /// Sent to the APIs as `profile`. `None` only for a default profile without `profile = …`.
+    pub name: Option<String>,
+    /// Local ports whose connections use this profile.
+    pub ports: Vec<u16>,
     pub api: ApiConfig,
-    pub profile: Option<String>,
+    pub stop: Option<StopConfig>,
+    pub vm_scope: VmScope,
     pub vm_port: u16,
+    /// Where the start API's answers may point; empty: anywhere but loopback, link-local and this host.
+    pub vm_networks: Vec<IpNet>,
+    pub silent_clients: SilentClients,
     pub boot_timeout: Duration,
     pub vm_connect_timeout: Duration,
     pub vm_banner_timeout: Duration,
     pub client_banner_timeout: Duration,
 }
 
+/// What the start and stop requests share.
 #[derive(Debug)]
 pub struct ApiConfig {
-    pub url: Url,
+    pub url: SecretUrl,
     pub token: Option<Secret>,
     /// Where the token was read from, for `check-config`.
     pub token_source: Option<PathBuf>,
@@ -222,9 +79,32 @@ pub struct ApiConfig {
     pub timeout: Duration,
 }
 
+#[derive(Debug)]
+pub struct StopConfig {
+    pub url: SecretUrl,
+    pub idle_timeout: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct DaemonConfig {
+    pub max_sessions: usize,
+    pub max_sessions_per_source: usize,
+    pub max_pending_per_vm: usize,
+    pub drain_timeout: Duration,
+    pub metrics_listen: Option<String>,
+}
+
+impl Profile {
+    /// The name the state directory and the journal know this profile by.
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or("default")
+    }
+}
+
 impl Config {
     /// The configuration for this process: flags and environment from `cli`, the TOML file it names (or the
-    /// default one), and the token credential from `$CREDENTIALS_DIRECTORY`.
+    /// default one), and token credentials from `$CREDENTIALS_DIRECTORY`.
     pub fn load(cli: &Cli) -> Result<Config> {
         let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
         Self::resolve(
@@ -241,26 +121,147 @@ impl Config {
         given: Settings,
         credentials_dir: Option<&Path>,
     ) -> Result<Config> {
-        let (file, from_file) = read_file(file)?;
-        let settings = given.or(from_file);
-
-        let url = settings.api_url.as_deref().with_context(|| {
-            format!(
-                "api_url is not set: give --api-url, SSH_ON_DEMAND_API_URL or api_url in {}",
-                file.as_deref()
-                    .unwrap_or(Path::new(DEFAULT_CONFIG_FILE))
-                    .display()
-            )
-        })?;
-        let url = Url::parse(url).with_context(|| format!("api_url {url:?} is not a URL"))?;
+        let (path, from_file) = read_file(file)?;
+        let shown_path = path.as_deref().unwrap_or(Path::new(DEFAULT_CONFIG_FILE));
         ensure!(
-            matches!(url.scheme(), "http" | "https"),
-            "api_url must start with http:// or https://, not {}://",
-            url.scheme()
+            from_file.ports.is_empty(),
+            "ports is set at the top level of {}: it belongs in a [profiles.NAME] table",
+            shown_path.display()
         );
+        let mut top = given.or(&from_file);
 
-        let (token, token_source) =
-            read_token(settings.api_token_file.as_deref(), credentials_dir)?;
+        let mut profiles = Vec::new();
+        for (name, table) in std::mem::take(&mut top.profiles) {
+            let context = || format!("[profiles.{name}] in {}", shown_path.display());
+            check_name(&name).with_context(context)?;
+            check_profile_table(&table).with_context(context)?;
+            let ports = table.ports.clone();
+            let settings = Settings {
+                profile: Some(name.clone()),
+                ..table.or(&top)
+            };
+            let profile =
+                Profile::resolve(settings, ports, credentials_dir).with_context(context)?;
+            profiles.push(Arc::new(profile));
+        }
+        let mut seen = BTreeMap::new();
+        for profile in &profiles {
+            for port in &profile.ports {
+                if let Some(other) = seen.insert(*port, profile.label()) {
+                    bail!(
+                        "port {port} is in the ports of both [profiles.{other}] and [profiles.{}]",
+                        profile.label()
+                    );
+                }
+            }
+        }
+
+        let host = top.clone();
+        let default = match &top.api_url {
+            None if !profiles.is_empty() => None,
+            None => bail!(
+                "api_url is not set: give --api-url, SSH_ON_DEMAND_API_URL or api_url in {}",
+                shown_path.display()
+            ),
+            Some(_) => {
+                if let Some(name) = &top.profile {
+                    check_name(name).context("profile")?;
+                }
+                Some(Arc::new(Profile::resolve(
+                    top,
+                    Vec::new(),
+                    credentials_dir,
+                )?))
+            }
+        };
+
+        if let Some(default) = &default {
+            ensure!(
+                !profiles.iter().any(|p| p.label() == default.label()),
+                "[profiles.{0}] has the name of the top-level profile ({0}); rename one",
+                default.label()
+            );
+        }
+        Ok(Config {
+            file: path,
+            state_dir: host
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR)),
+            default,
+            profiles,
+            daemon: DaemonConfig {
+                max_sessions: at_least_one(
+                    "max_sessions",
+                    host.max_sessions,
+                    defaults::MAX_SESSIONS,
+                )?,
+                max_sessions_per_source: at_least_one(
+                    "max_sessions_per_source",
+                    host.max_sessions_per_source,
+                    defaults::MAX_SESSIONS_PER_SOURCE,
+                )?,
+                max_pending_per_vm: at_least_one(
+                    "max_pending_per_vm",
+                    host.max_pending_per_vm,
+                    defaults::MAX_PENDING_PER_VM,
+                )?,
+                drain_timeout: positive(
+                    "drain_timeout",
+                    host.drain_timeout,
+                    defaults::DRAIN_TIMEOUT,
+                )?,
+                metrics_listen: host.metrics_listen,
+            },
+        })
+    }
+
+    /// The profile for a connection that arrived on local port `port`.
+    pub fn profile_for_port(&self, port: u16) -> Option<&Arc<Profile>> {
+        self.profiles
+            .iter()
+            .find(|p| p.ports.contains(&port))
+            .or(self.default.as_ref())
+    }
+
+    /// The profile called `name` (the default one's name included).
+    pub fn profile_named(&self, name: &str) -> Option<&Arc<Profile>> {
+        self.all_profiles()
+            .find(|p| p.name.as_deref() == Some(name))
+    }
+
+    /// The profile whose [`Profile::label`] is `label`, as the state directory knows it.
+    pub fn profile_labeled(&self, label: &str) -> Option<&Arc<Profile>> {
+        self.all_profiles().find(|p| p.label() == label)
+    }
+
+    pub fn all_profiles(&self) -> impl Iterator<Item = &Arc<Profile>> {
+        self.default.iter().chain(&self.profiles)
+    }
+}
+
+impl Profile {
+    fn resolve(
+        settings: Settings,
+        ports: Vec<u16>,
+        credentials_dir: Option<&Path>,
+    ) -> Result<Profile> {
+        let url = parse_url(
+            "api_url",
+            settings.api_url.as_deref().context("api_url is not set")?,
+        )?;
+        let stop_url = settings
+            .stop_url
+            .as_deref()
+            .map(|u| parse_url("stop_url", u))
+            .transpose()?;
+        let (token, token_source) = read_token(
+            settings.api_token_file.as_deref(),
+            settings
+                .api_token_credential
+                .as_deref()
+                .unwrap_or(TOKEN_CREDENTIAL),
+            credentials_dir,
+        )?;
         let headers = settings
             .api_headers
             .iter()
@@ -271,20 +272,41 @@ impl Config {
             "api_headers sets Authorization and an API token is configured too: keep one"
         );
         if let Some(ca) = &settings.api_ca_file {
+            let https =
+                url.scheme() == "https" || stop_url.as_ref().is_some_and(|u| u.scheme() == "https");
             ensure!(
-                url.scheme() == "https",
-                "api_ca_file is set but api_url is not https://"
+                https,
+                "api_ca_file is set but neither api_url nor stop_url is https://"
             );
             fs::metadata(ca).with_context(|| format!("api_ca_file {}", ca.display()))?;
         }
-        if let Some(profile) = &settings.profile {
-            ensure!(!profile.trim().is_empty(), "profile is empty");
-        }
         let vm_port = settings.vm_port.unwrap_or(defaults::VM_PORT);
         ensure!(vm_port != 0, "vm_port must be 1 to 65535");
-
-        let config = Config {
-            file,
+        let stop = match stop_url {
+            Some(url) => Some(StopConfig {
+                url,
+                idle_timeout: positive(
+                    "idle_timeout",
+                    settings.idle_timeout,
+                    defaults::IDLE_TIMEOUT,
+                )?,
+                timeout: positive(
+                    "stop_timeout",
+                    settings.stop_timeout,
+                    defaults::STOP_TIMEOUT,
+                )?,
+            }),
+            None => {
+                ensure!(
+                    settings.idle_timeout.is_none() && settings.stop_timeout.is_none(),
+                    "idle_timeout and stop_timeout need a stop_url"
+                );
+                None
+            }
+        };
+        Ok(Profile {
+            name: settings.profile,
+            ports,
             api: ApiConfig {
                 url,
                 token,
@@ -293,8 +315,21 @@ impl Config {
                 headers,
                 timeout: positive("api_timeout", settings.api_timeout, defaults::API_TIMEOUT)?,
             },
-            profile: settings.profile,
+            stop,
+            vm_scope: settings.vm_scope.unwrap_or_default(),
             vm_port,
+            vm_networks: settings
+                .vm_networks
+                .iter()
+                .map(|net| {
+                    net.parse()
+                        .or_else(|_| net.parse::<IpAddr>().map(IpNet::from))
+                        .with_context(|| {
+                            format!("vm_networks: {net:?} is not a network such as 10.0.0.0/8")
+                        })
+                })
+                .collect::<Result<_>>()?,
+            silent_clients: settings.silent_clients.unwrap_or_default(),
             boot_timeout: positive(
                 "boot_timeout",
                 settings.boot_timeout,
@@ -315,72 +350,8 @@ impl Config {
                 settings.client_banner_timeout,
                 defaults::CLIENT_BANNER_TIMEOUT,
             )?,
-        };
-        Ok(config)
+        })
     }
-}
-
-/// Prints as a TOML file an operator could use, with secrets masked.
-impl fmt::Display for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let source = match &self.file {
-            Some(path) => path.display().to_string(),
-            None => "no file".to_owned(),
-        };
-        writeln!(
-            f,
-            "# Effective configuration: flags > environment > {source} > defaults"
-        )?;
-        writeln!(f, "api_url = {}", quoted(self.api.url.as_str()))?;
-        match (&self.api.token, &self.api.token_source) {
-            (Some(token), Some(source)) => writeln!(
-                f,
-                "api_token_file = {}  # token: {token}",
-                quoted(&source.display().to_string())
-            )?,
-            _ => writeln!(f, "# no API token")?,
-        }
-        if let Some(ca) = &self.api.ca_file {
-            writeln!(f, "api_ca_file = {}", quoted(&ca.display().to_string()))?;
-        }
-        let headers: Vec<String> = self
-            .api
-            .headers
-            .iter()
-            .map(|(name, value)| quoted(&format!("{name}: {value}")))
-            .collect();
-        writeln!(f, "api_headers = [{}]", headers.join(", "))?;
-        writeln!(f, "api_timeout = {}", duration(self.api.timeout))?;
-        match &self.profile {
-            Some(profile) => writeln!(f, "profile = {}", quoted(profile))?,
-            None => writeln!(f, "# no profile")?,
-        }
-        writeln!(f, "vm_port = {}", self.vm_port)?;
-        writeln!(f, "boot_timeout = {}", duration(self.boot_timeout))?;
-        writeln!(
-            f,
-            "vm_connect_timeout = {}",
-            duration(self.vm_connect_timeout)
-        )?;
-        writeln!(
-            f,
-            "vm_banner_timeout = {}",
-            duration(self.vm_banner_timeout)
-        )?;
-        writeln!(
-            f,
-            "client_banner_timeout = {}",
-            duration(self.client_banner_timeout)
-        )
-    }
-}
-
-fn quoted(s: &str) -> String {
-    toml::Value::String(s.to_owned()).to_string()
-}
-
-fn duration(d: Duration) -> String {
-    quoted(&humantime::format_duration(d).to_string())
 }
 
 /// The named file, which must exist, or the default one if it exists.
@@ -397,14 +368,70 @@ fn read_file(named: Option<&Path>) -> Result<(Option<PathBuf>, Settings)> {
     Ok((Some(path.to_owned()), settings))
 }
 
-/// The token from `api_token_file` if set, else from the systemd credential if present.
+/// A profile's table sets only what a profile has: not the host's settings, not its own name.
+fn check_profile_table(table: &Settings) -> Result<()> {
+    let host_settings = [
+        ("state_dir", table.state_dir.is_some()),
+        ("max_sessions", table.max_sessions.is_some()),
+        (
+            "max_sessions_per_source",
+            table.max_sessions_per_source.is_some(),
+        ),
+        ("max_pending_per_vm", table.max_pending_per_vm.is_some()),
+        ("drain_timeout", table.drain_timeout.is_some()),
+        ("metrics_listen", table.metrics_listen.is_some()),
+        ("profiles", !table.profiles.is_empty()),
+    ];
+    if let Some((key, _)) = host_settings.iter().find(|(_, set)| *set) {
+        bail!("{key} is a setting of the host: set it at the top level");
+    }
+    ensure!(
+        table.profile.is_none(),
+        "profile is set: the table's name is the profile's name"
+    );
+    ensure!(
+        !table.ports.is_empty(),
+        "no ports: list the local ports whose connections this profile takes"
+    );
+    Ok(())
+}
+
+/// Profile names become directory names and journal fields: keep them plain.
+fn check_name(name: &str) -> Result<()> {
+    let plain = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    ensure!(
+        plain && !name.is_empty() && !name.starts_with('.') && name.len() <= 64,
+        "profile name {name:?} must be 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'"
+    );
+    Ok(())
+}
+
+fn parse_url(key: &str, text: &str) -> Result<SecretUrl> {
+    // The error would repeat the URL, and with it any credentials in it.
+    let url = Url::parse(text).map_err(|e| anyhow::anyhow!("{key} is not a URL ({e})"))?;
+    ensure!(
+        matches!(url.scheme(), "http" | "https"),
+        "{key} must start with http:// or https://, not {}://",
+        url.scheme()
+    );
+    Ok(SecretUrl::new(url))
+}
+
+/// The token from `api_token_file` if set, else from the systemd credential `credential` if present.
 fn read_token(
     file: Option<&Path>,
+    credential: &str,
     credentials_dir: Option<&Path>,
 ) -> Result<(Option<Secret>, Option<PathBuf>)> {
+    ensure!(
+        !credential.is_empty() && !credential.contains('/'),
+        "api_token_credential {credential:?} is not a credential name"
+    );
     let path = match (file, credentials_dir) {
         (Some(file), _) => file.to_owned(),
-        (None, Some(dir)) if dir.join(TOKEN_CREDENTIAL).exists() => dir.join(TOKEN_CREDENTIAL),
+        (None, Some(dir)) if dir.join(credential).exists() => dir.join(credential),
         _ => return Ok((None, None)),
     };
     let text = fs::read_to_string(&path)
@@ -437,151 +464,23 @@ fn parse_header(line: &str) -> Result<(HeaderName, Secret)> {
     Ok((name, Secret::new(value)))
 }
 
+/// Longer than any wait needs, and short enough for every clock: "300000000000 years" parses as a
+/// duration, but no deadline can be that far.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+
 fn positive(name: &str, value: Option<Duration>, default: Duration) -> Result<Duration> {
     let value = value.unwrap_or(default);
     ensure!(!value.is_zero(), "{name} must be more than zero");
+    ensure!(value <= MAX_DURATION, "{name} must be at most 10 years");
     Ok(value)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-        let path = dir.join(name);
-        fs::write(&path, text).unwrap();
-        path
-    }
-
-    fn given(url: &str) -> Settings {
-        Settings {
-            api_url: Some(url.to_owned()),
-            ..Settings::default()
-        }
-    }
-
-    /// Resolves without a TOML file, whatever is installed in /etc on this machine.
-    fn resolve(settings: Settings, credentials_dir: Option<&Path>) -> Result<Config> {
-        let dir = tempfile::tempdir().unwrap();
-        let empty = write(dir.path(), "empty.toml", "");
-        Config::resolve(Some(&empty), settings, credentials_dir)
-    }
-
-    #[test]
-    fn flags_beat_file_and_file_beats_defaults() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = write(
-            dir.path(),
-            "c.toml",
-            "api_url = \"http://file/\"\nprofile = \"from-file\"\nboot_timeout = \"3m\"\n",
-        );
-        let flags = Settings {
-            profile: Some("from-flag".into()),
-            ..Settings::default()
-        };
-        let config = Config::resolve(Some(&file), flags, None).unwrap();
-        assert_eq!(config.api.url.as_str(), "http://file/");
-        assert_eq!(config.profile.as_deref(), Some("from-flag"));
-        assert_eq!(config.boot_timeout, Duration::from_secs(180));
-        assert_eq!(config.vm_port, defaults::VM_PORT);
-        assert_eq!(config.api.timeout, defaults::API_TIMEOUT);
-    }
-
-    #[test]
-    fn unknown_keys_are_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = write(
-            dir.path(),
-            "c.toml",
-            "api_url = \"http://x/\"\nboot_timout = \"1s\"\n",
-        );
-        let error = format!(
-            "{:#}",
-            Config::resolve(Some(&file), Settings::default(), None).unwrap_err()
-        );
-        assert!(error.contains("unknown field `boot_timout`"), "{error}");
-    }
-
-    #[test]
-    fn missing_named_file_is_an_error() {
-        let error = Config::resolve(
-            Some(Path::new("/nonexistent/ssh-on-demand.toml")),
-            given("http://x/"),
-            None,
-        )
-        .unwrap_err();
-        assert!(format!("{error:#}").contains("/nonexistent/ssh-on-demand.toml"));
-    }
-
-    #[test]
-    fn api_url_is_required_and_must_be_http() {
-        let error = resolve(Settings::default(), None).unwrap_err();
-        assert!(error.to_string().contains("api_url is not set"), "{error}");
-        let error = resolve(given("ftp://x/"), None).unwrap_err();
-        assert!(error.to_string().contains("not ftp://"), "{error}");
-    }
-
-    #[test]
-    fn token_comes_from_the_credential_unless_a_file_is_named() {
-        let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), TOKEN_CREDENTIAL, "from-credential\n");
-        let config = resolve(given("http://x/"), Some(dir.path())).unwrap();
-        assert_eq!(
-            config.api.token.as_ref().map(Secret::expose),
-            Some("from-credential")
-        );
-
-        let file = write(dir.path(), "token", "from-file");
-        let settings = Settings {
-            api_token_file: Some(file),
-            ..given("http://x/")
-        };
-        let config = resolve(settings, Some(dir.path())).unwrap();
-        assert_eq!(
-            config.api.token.as_ref().map(Secret::expose),
-            Some("from-file")
-        );
-    }
-
-    #[test]
-    fn empty_token_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = write(dir.path(), "token", "\n");
-        let settings = Settings {
-            api_token_file: Some(file),
-            ..given("http://x/")
-        };
-        let error = resolve(settings, None).unwrap_err();
-        assert!(error.to_string().contains("is empty"), "{error}");
-    }
-
-    #[test]
-    fn display_masks_token_and_header_values() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = write(dir.path(), "token", "s3cret-token");
-        let settings = Settings {
-            api_token_file: Some(file),
-            api_headers: vec!["X-Api-Key: s3cret-header".into()],
-            ..given("http://x/")
-        };
-        let shown = resolve(settings, None).unwrap().to_string();
-        assert!(!shown.contains("s3cret"), "{shown}");
-        assert!(shown.contains("x-api-key: ***"), "{shown}");
-        assert!(shown.contains("# token: ***"), "{shown}");
-    }
-
-    #[test]
-    fn bad_headers_and_zero_timeouts_are_errors() {
-        let settings = Settings {
-            api_headers: vec!["no colon".into()],
-            ..given("http://x/")
-        };
-        assert!(resolve(settings, None).is_err());
-        let settings = Settings {
-            boot_timeout: Some(Duration::ZERO),
-            ..given("http://x/")
-        };
-        let error = resolve(settings, None).unwrap_err();
-        assert!(error.to_string().contains("boot_timeout"), "{error}");
-    }
+fn at_least_one(name: &str, value: Option<usize>, default: usize) -> Result<usize> {
+    let value = value.unwrap_or(default);
+    ensure!(value > 0, "{name} must be at least 1");
+    Ok(value)
 }
+
+mod display;
+#[cfg(test)]
+mod tests;

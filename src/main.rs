@@ -2,15 +2,17 @@ use std::{io::Write, process::ExitCode};
 
 use clap::Parser;
 use ssh_on_demand::{
-    activation,
-    config::{Cli, Command, Config},
+    cli::{Cli, Command},
+    commands,
+    config::Config,
     logging::{self, LogTarget},
+    mode,
 };
 use tracing::level_filters::LevelFilter;
 
 fn main() -> ExitCode {
     // Before anything can print: under Accept=yes, stdout and stderr may be the client's socket.
-    let stdio = activation::protect_stdio();
+    let stdio = logging::protect_stdio();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // --help, --version, or a mistake typed at a terminal: clap says it best.
@@ -19,7 +21,7 @@ fn main() -> ExitCode {
             // Started for a connection by a unit whose command line is wrong: log why, and tell the client.
             let _ = logging::init(LogTarget::Auto, LevelFilter::INFO, stdio.stderr_usable);
             let error = anyhow::anyhow!("invalid command line: {}", e.render());
-            return ssh_on_demand::serve_activated_connection(Err(error));
+            return mode::activated::serve(Err(error));
         }
     };
     if let Err(e) = logging::init(cli.log_target, cli.log_level, stdio.stderr_usable) {
@@ -28,8 +30,12 @@ fn main() -> ExitCode {
         }
         return ExitCode::from(2);
     }
-    match cli.command {
-        Some(Command::CheckConfig) => match ssh_on_demand::check_config(&cli) {
+    match &cli.command {
+        None => mode::activated::serve(Config::load(&cli)),
+        Some(Command::Daemon { listen }) => mode::daemon::run(&cli, listen),
+        Some(Command::Status { json }) => commands::status(&cli, *json),
+        Some(Command::Sweep) => commands::sweep(Config::load(&cli)),
+        Some(Command::CheckConfig) => match commands::check_config(&cli) {
             Ok(report) => {
                 let _ = std::io::stdout().write_all(report.as_bytes());
                 ExitCode::SUCCESS
@@ -39,6 +45,5 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        None => ssh_on_demand::serve_activated_connection(Config::load(&cli)),
     }
 }

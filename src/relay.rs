@@ -1,22 +1,37 @@
 //! Relay: bytes both ways until both directions are finished, passing each half-close on.
+//!
+//! On Linux the bytes never enter this process: splice(2) moves them from one socket into a pipe and from the
+//! pipe into the other socket, as page references. That halves the CPU a relayed GiB costs compared with
+//! reading into a buffer and writing it out again. Where splice is not available, a copy loop does the same
+//! job.
 
-use std::{io, time::Duration};
+use std::{io, net::Shutdown, time::Duration};
 
 use socket2::{SockRef, TcpKeepalive};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        TcpStream,
-        tcp::{ReadHalf, WriteHalf},
-    },
-};
+use tokio::net::TcpStream;
 
-/// Per direction. SSH sends packets of up to 32 KiB of payload; 64 KiB moves a full one in one read.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub use splice::PIPE_SIZE;
+
+/// Per direction, for the copy loop. SSH sends packets of up to 32 KiB of payload; 64 KiB moves a full one
+/// in one read.
 pub const BUFFER_SIZE: usize = 64 * 1024;
-/// Idle time before the kernel probes a silent peer, and the pause between probes. A VM that vanished
-/// without a reset (destroyed, network gone) would otherwise keep this process alive forever.
+/// The VM side's keep-alive: idle time before the kernel probes a silent VM, the pause between probes, and the
+/// probes left unanswered before the relay ends. A VM that vanished without a reset (destroyed, network gone)
+/// would otherwise keep the relay forever; this way it is given up on after 60 s + 6 × 10 s = 2 min. The client
+/// side's keep-alive is not ours to set: the socket unit sets it (per-connection mode), or the daemon when it
+/// accepts.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 6;
+/// `TCP_USER_TIMEOUT` on a side whose keep-alive is off. Keep-alive only probes an idle connection: a peer that
+/// stops acknowledging while data waits for it would hold the relay through 15 minutes of retransmissions, and
+/// one that stops reading (its receive window shut, probes still answered) forever. The user timeout ends the
+/// connection once sent data or a shut window has gone unacknowledged this long. Each side gets its keep-alive's
+/// own budget (idle + interval × probes: 2 min on the VM side, 4 min on the client side with the socket unit's or
+/// the daemon's settings), so a peer is given up on after the same time however it failed; this where a side
+/// has no keep-alive.
+pub const USER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Bytes that went each way, the pre-relay buffers included.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -27,65 +42,278 @@ pub struct Transferred {
 
 /// Relays until both directions reached EOF, or until either fails. `to_vm` and `to_client` are bytes read
 /// before the relay began (the client's and the VM's identification lines) and go first. The counts are kept
-/// even when the relay ends in an error.
+/// even when the relay ends in an error: they are the bytes handed to the receiving socket.
 pub async fn relay(
     client: &mut TcpStream,
     vm: &mut TcpStream,
     to_vm: &[u8],
     to_client: &[u8],
 ) -> (Transferred, io::Result<()>) {
-    tune(client);
-    tune(vm);
+    tune(client, None);
+    let vm_keepalive = TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    tune(vm, Some(&vm_keepalive));
     let mut transferred = Transferred::default();
-    let (client_read, client_write) = client.split();
-    let (vm_read, vm_write) = vm.split();
+    let (client, vm) = (&*client, &*vm);
     let result = tokio::try_join!(
-        pipe(to_vm, client_read, vm_write, &mut transferred.to_vm),
-        pipe(to_client, vm_read, client_write, &mut transferred.to_client),
+        one_way(to_vm, client, vm, &mut transferred.to_vm),
+        one_way(to_client, vm, client, &mut transferred.to_client),
     );
     (transferred, result.map(|_| ()))
 }
 
 /// One direction. At EOF it shuts down the writing side (a half-close) and returns, while the other
 /// direction goes on.
-async fn pipe(
+async fn one_way(
     first: &[u8],
-    mut from: ReadHalf<'_>,
-    mut to: WriteHalf<'_>,
+    from: &TcpStream,
+    to: &TcpStream,
     count: &mut u64,
 ) -> io::Result<()> {
-    to.write_all(first).await?;
-    *count += first.len() as u64;
-    let mut buf = vec![0u8; BUFFER_SIZE];
-    loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        // ssh and sshd keep Nagle on outside interactive sessions, so each small handshake packet waits for
-        // the ACK of the previous one, and a relay in both directions looks interactive to Linux, which then
-        // delays its ACKs by up to 40 ms. Quick-ACK mode ends by itself; re-arming it after every read (one
-        // cheap syscall) sends the pending ACK now and makes logins faster than without a proxy.
-        let _ = SockRef::from(from.as_ref()).set_tcp_quickack(true);
-        to.write_all(&buf[..n]).await?;
-        *count += n as u64;
+    write_all(to, first, count).await?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let spliced = splice::pump(from, to, count).await?;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let spliced = false;
+    if !spliced {
+        copy(from, to, count).await?;
     }
-    to.shutdown().await
+    SockRef::from(to).shutdown(Shutdown::Write)
 }
 
-/// Interactive keystrokes must not wait for Nagle; dead peers must be noticed. Failures only cost latency.
-fn tune(stream: &TcpStream) {
+/// The portable way: read into a buffer, write it out.
+async fn copy(from: &TcpStream, to: &TcpStream, count: &mut u64) -> io::Result<()> {
+    let mut buf = vec![0u8; BUFFER_SIZE];
+    loop {
+        from.readable().await?;
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n < QUICK_ACK_BELOW {
+            quick_ack(from);
+        }
+        write_all(to, &buf[..n], count).await?;
+    }
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8], count: &mut u64) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                data = &data[n..];
+                *count += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Quick-ACK is re-armed after reads smaller than this. Handshake packets and keystrokes are far smaller;
+/// bulk transfers read more at once, and there the kernel ACKs promptly by itself (at least every second
+/// full-sized segment), so re-arming would only cost a system call and an extra ACK per read.
+const QUICK_ACK_BELOW: usize = 16 * 1024;
+
+/// ssh and sshd keep Nagle on outside interactive sessions, so each small handshake packet waits for the ACK
+/// of the previous one, and a relay in both directions looks interactive to Linux, which then delays its ACKs
+/// by up to 40 ms. Quick-ACK mode ends by itself; re-arming it after every small read (one cheap syscall)
+/// sends the pending ACK now and makes logins faster than without a proxy.
+fn quick_ack(from: &TcpStream) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = SockRef::from(from).set_tcp_quickack(true);
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = from;
+}
+
+/// Interactive keystrokes must not wait for Nagle; dead peers must be noticed: `keepalive` if given, else the
+/// socket's own, and [`USER_TIMEOUT`] to match. Failures only cost latency, or leave the kernel's defaults.
+fn tune(stream: &TcpStream, keepalive: Option<&TcpKeepalive>) {
     let _ = stream.set_nodelay(true);
-    let keepalive = TcpKeepalive::new()
-        .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_INTERVAL);
-    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+    let socket = SockRef::from(stream);
+    if let Some(keepalive) = keepalive {
+        let _ = socket.set_tcp_keepalive(keepalive);
+    }
+    let budget = keepalive_budget(&socket).unwrap_or(USER_TIMEOUT);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = socket.set_tcp_user_timeout(Some(budget));
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = budget;
+}
+
+/// How long the socket's keep-alive takes to give up on a silent peer; `None` when it is off.
+fn keepalive_budget(socket: &SockRef<'_>) -> Option<Duration> {
+    if !socket.keepalive().ok()? {
+        return None;
+    }
+    let idle = socket.tcp_keepalive_time().ok()?;
+    let interval = socket.tcp_keepalive_interval().ok()?;
+    let probes = socket.tcp_keepalive_retries().ok()?;
+    Some(idle + interval * probes)
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod splice {
+    //! Socket → pipe → socket with splice(2), one pipe per direction, as systemd-socket-proxyd does.
+
+    use std::{
+        io::{self, Read},
+        os::fd::OwnedFd,
+    };
+
+    use rustix::{
+        io::Errno,
+        pipe::{PipeFlags, SpliceFlags, fcntl_getpipe_size, fcntl_setpipe_size, pipe_with, splice},
+    };
+    use tokio::{io::Interest, net::TcpStream};
+
+    /// Pipe capacity for bulk transfers: each splice then moves up to this much, so a GiB costs ~1k round
+    /// trips through the loop instead of ~16k with the default 64 KiB. A pipe starts at the default size and
+    /// grows to this the first time one read fills it, so idle and interactive sessions stay small: the kernel
+    /// counts pipe capacity per user (`pipe-user-pages-soft`, 64 MiB by default), and past that it refuses
+    /// to grow pipes (they then keep their size, which only costs more system calls). The kernel also
+    /// refuses more than /proc/sys/fs/pipe-max-size (1 MiB by default); the pipe then keeps its size too.
+    pub const PIPE_SIZE: usize = 1024 * 1024;
+
+    struct Pipe {
+        read: OwnedFd,
+        write: OwnedFd,
+        size: usize,
+        /// Bytes in the pipe: spliced in, not yet out. The kernel does not say; we count.
+        full: usize,
+        grown: bool,
+    }
+
+    impl Pipe {
+        fn new() -> io::Result<Pipe> {
+            let (read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+            Ok(Pipe {
+                size: fcntl_getpipe_size(&write)?,
+                read,
+                write,
+                full: 0,
+                grown: false,
+            })
+        }
+
+        /// Called when a read filled the pipe: the sender has more, so move more per system call.
+        fn grow(&mut self) {
+            self.grown = true;
+            if let Ok(size) = fcntl_setpipe_size(&self.write, PIPE_SIZE.max(self.size)) {
+                self.size = size;
+            }
+        }
+    }
+
+    /// Moves bytes from `from` to `to` until `from` reaches EOF and everything read has been written. Returns
+    /// `false` when splice cannot be used here (no pipe to be had, or a kernel or socket that does not
+    /// splice): whatever had been read was written first, and the caller copies the rest.
+    pub async fn pump(from: &TcpStream, to: &TcpStream, count: &mut u64) -> io::Result<bool> {
+        // Out of file descriptors, say: copying needs none.
+
+        let Ok(mut pipe) = Pipe::new() else {
+            return Ok(false);
+        };
+        let mut eof = false;
+        // The last splice in said EAGAIN while the pipe held bytes. That may have been the pipe, not the
+        // socket: a pipe has `size / 4096` slots, and small socket buffers each take one, so it can be full
+        // with fewer than `size` bytes in it. Then the socket may still hold data, and its readiness must not
+        // be cleared, or nothing would wake us to read it. So we wait for the pipe to drain instead.
+        let mut pipe_maybe_full = false;
+        loop {
+            let want_in = !eof && !pipe_maybe_full && pipe.full < pipe.size;
+            let want_out = pipe.full > 0;
+            if !want_in && !want_out {
+                return Ok(true); // EOF, and the pipe is empty
+            }
+            // These return at once while the socket is known ready; awaiting them even then gives the other
+            // direction and other connections their turn (tokio's cooperative budget).
+            tokio::select! {
+                biased;
+                ready = to.writable(), if want_out => ready?,
+                ready = from.readable(), if want_in => ready?,
+            }
+            if want_in {
+                let room = pipe.size - pipe.full;
+                let filled = from.try_io(Interest::READABLE, || {
+                    match splice(from, None, &pipe.write, None, room, SpliceFlags::NONBLOCK) {
+                        Err(Errno::AGAIN) if pipe.full > 0 => Ok(None),
+                        result => Ok(Some(result?)),
+                    }
+                });
+                match filled {
+                    Ok(Some(0)) => eof = true,
+                    Ok(Some(n)) => {
+                        pipe.full += n;
+                        if n < super::QUICK_ACK_BELOW {
+                            super::quick_ack(from);
+                        }
+                        if pipe.full == pipe.size && !pipe.grown {
+                            pipe.grow();
+                        }
+                    }
+                    Ok(None) => pipe_maybe_full = true,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if unsupported(&e) => return give_up(pipe, to, count).await,
+                    Err(e) => return Err(e),
+                }
+            }
+            if pipe.full > 0 {
+                let full = pipe.full;
+                let emptied = to.try_io(Interest::WRITABLE, || {
+                    Ok(splice(
+                        &pipe.read,
+                        None,
+                        to,
+                        None,
+                        full,
+                        SpliceFlags::NONBLOCK,
+                    )?)
+                });
+                match emptied {
+                    Ok(n) => {
+                        pipe.full -= n;
+                        *count += n as u64;
+                        pipe_maybe_full = false;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if unsupported(&e) => return give_up(pipe, to, count).await,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
+    /// The errors of a kernel or file that cannot splice, as opposed to a connection that failed.
+    fn unsupported(e: &io::Error) -> bool {
+        [Errno::INVAL, Errno::NOSYS, Errno::OPNOTSUPP]
+            .iter()
+            .any(|errno| e.raw_os_error() == Some(errno.raw_os_error()))
+    }
+
+    /// Writes out what is still in the pipe, so that the copy loop can take over without losing a byte.
+    async fn give_up(pipe: Pipe, to: &TcpStream, count: &mut u64) -> io::Result<bool> {
+        let mut left = vec![0u8; pipe.full];
+        std::fs::File::from(pipe.read).read_exact(&mut left)?;
+        super::write_all(to, &left, count).await?;
+        Ok(false)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
 
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,4 +1,4 @@
-//! Retry pacing: exponential backoff with jitter, never past the connection's deadline.
+//! Retry pacing: exponential backoff with jitter, never past the caller's deadline.
 
 use std::time::Duration;
 
@@ -23,11 +23,35 @@ impl Backoff {
         Backoff { delays, max }
     }
 
+    /// The next pause. backon adds its jitter (up to the delay itself) after capping the delay, which would
+    /// double the cap: `max` is the documented longest pause, so it caps the sum.
+    fn next_delay(&mut self) -> Duration {
+        self.delays.next().unwrap_or(self.max).min(self.max)
+    }
+
     /// Sleeps for the next pause, cut short at `deadline`. `false` once the deadline has come: no time is
     /// left for another attempt, and the caller reports its last error.
     pub async fn pause(&mut self, deadline: Instant) -> bool {
-        let delay = self.delays.next().unwrap_or(self.max);
+        let delay = self.next_delay();
         sleep_until(deadline.min(Instant::now() + delay)).await;
         Instant::now() < deadline
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pauses_grow_but_never_pass_the_cap() {
+        let (first, max) = (Duration::from_millis(200), Duration::from_secs(5));
+        let mut backoff = Backoff::new(first, max);
+        let delays: Vec<Duration> = (0..50).map(|_| backoff.next_delay()).collect();
+        assert!(
+            delays.iter().all(|d| (first..=max).contains(d)),
+            "{delays:?}"
+        );
+        assert!(delays[0] < first * 2);
+        assert_eq!(delays[49], max);
     }
 }

@@ -1,6 +1,7 @@
 //! End to end through the real OpenSSH client, ssh-on-demand under systemd-socket-activate, a real HTTP start
 //! API and a real sshd as the VM.
 
+#[macro_use]
 mod common;
 
 use std::{
@@ -20,7 +21,7 @@ use std::{
 use common::{
     PATIENCE,
     api::{Answer, StartApi},
-    proxy::{Handover, Proxy},
+    proxy::{Handover, Mode, Proxy},
     ssh::{assert_echo, run, scp, ssh},
     tls::HttpsApi,
     vm::Vm,
@@ -39,94 +40,97 @@ fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-#[test]
-fn login_runs_a_command_with_its_output_and_exit_status() {
-    let vm = Vm::new();
-    let api = StartApi::booting(&vm, BOOT_TIME);
-    let credentials = tempfile::tempdir().unwrap();
-    fs::write(credentials.path().join("api-token"), "t0ken-for-the-api\n").unwrap();
-    let proxy = Proxy::builder(&api.url())
-        .args(["--profile", "lab", "--api-header", "X-Tenant: blue"])
-        .env(
-            "CREDENTIALS_DIRECTORY",
-            credentials.path().display().to_string(),
-        )
-        .start();
+both_modes! {
+    fn login_runs_a_command_with_its_output_and_exit_status(mode) {
+        let vm = Vm::new();
+        let api = StartApi::booting(&vm, BOOT_TIME);
+        let credentials = tempfile::tempdir().unwrap();
+        fs::write(credentials.path().join("api-token"), "t0ken-for-the-api\n").unwrap();
+        let proxy = Proxy::builder_in(mode, &api.url())
+            .args(["--profile", "lab", "--api-header", "X-Tenant: blue"])
+            .env(
+                "CREDENTIALS_DIRECTORY",
+                credentials.path().display().to_string(),
+            )
+            .start();
 
-    let output = run(
-        ssh(proxy.addr, &vm.client_key()).arg("echo hello from $(hostname); exit 3"),
-        PATIENCE,
-    );
-    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
-    assert!(
-        stdout(&output).starts_with("hello from "),
-        "{}",
-        stdout(&output)
-    );
+        let output = run(
+            ssh(proxy.addr, &vm.client_key()).arg("echo hello from $(hostname); exit 3"),
+            PATIENCE,
+        );
+        assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+        assert!(
+            stdout(&output).starts_with("hello from "),
+            "{}",
+            stdout(&output)
+        );
 
-    // The start API was asked once, with what is known of the connection, and authenticated.
-    let requests = api.requests();
-    assert_eq!(requests.len(), 1);
-    let request = &requests[0];
-    assert_eq!(request.method, "POST");
-    assert_eq!(request.url, "/start");
-    assert_eq!(
-        request.header("Authorization"),
-        Some("Bearer t0ken-for-the-api")
-    );
-    assert_eq!(request.header("X-Tenant"), Some("blue"));
-    assert_eq!(request.header("Content-Type"), Some("application/json"));
-    let body = request.json();
-    assert_eq!(body["client_addr"], "127.0.0.1");
-    assert!(body["client_port"].as_u64().unwrap() > 0);
-    assert_eq!(body["local_addr"], "127.0.0.1");
-    assert_eq!(body["local_port"], proxy.addr.port());
-    assert_eq!(body["profile"], "lab");
+        // The start API was asked once, with what is known of the connection, and authenticated.
+        let requests = api.requests();
+        assert_eq!(requests.len(), 1);
+        let request = &requests[0];
+        assert_eq!(request.method, "POST");
+        assert_eq!(request.url, "/start");
+        assert_eq!(
+            request.header("Authorization"),
+            Some("Bearer t0ken-for-the-api")
+        );
+        assert_eq!(request.header("X-Tenant"), Some("blue"));
+        assert_eq!(request.header("Content-Type"), Some("application/json"));
+        let body = request.json();
+        assert_eq!(body["client_addr"], "127.0.0.1");
+        assert!(body["client_port"].as_u64().unwrap() > 0);
+        assert_eq!(body["local_addr"], "127.0.0.1");
+        assert_eq!(body["local_port"], proxy.addr.port());
+        assert_eq!(body["profile"], "lab");
 
-    // The connection that saw sshd's identification is the one relayed: sshd saw one connection, not a
-    // probe and then the login.
-    assert_eq!(vm.connections(), 1);
+        // The connection that saw sshd's identification is the one relayed: sshd saw one connection, not a
+        // probe and then the login.
+        assert_eq!(vm.connections(), 1);
 
-    let summary = proxy.wait_for_summary(1);
-    assert!(summary.contains(r#"outcome="relayed""#), "{summary}");
-    assert!(summary.contains(&format!("vm={}", vm.addr())), "{summary}");
-    assert!(summary.contains("profile=\"lab\""), "{summary}");
-    assert_eq!(proxy.summaries().len(), 1);
-    let log = proxy.log.lines().join("\n");
-    assert!(
-        !log.contains("t0ken-for-the-api"),
-        "the token was logged:\n{log}"
-    );
+        let summary = proxy.wait_for_summary(1);
+        assert!(summary.contains(r#"outcome="relayed""#), "{summary}");
+        assert!(summary.contains(&format!("vm={}", vm.addr())), "{summary}");
+        assert!(summary.contains("profile=\"lab\""), "{summary}");
+        assert_eq!(proxy.summaries().len(), 1);
+        let log = proxy.log.lines().join("\n");
+        assert!(
+            !log.contains("t0ken-for-the-api"),
+            "the token was logged:\n{log}"
+        );
+    }
 }
 
-/// `ListenStream=22` makes a dual-stack socket, on which IPv4 clients show as ::ffff:a.b.c.d; the API and
-/// the journal get the plain IPv4 address, which is what an operator searches for.
-#[test]
-fn ipv4_clients_of_a_dual_stack_socket_are_plain_ipv4() {
-    let vm = Vm::new();
-    let api = StartApi::booting(&vm, BOOT_TIME);
-    let proxy = Proxy::builder(&api.url()).dual_stack().start();
-    let output = run(ssh(proxy.addr, &vm.client_key()).arg("true"), PATIENCE);
-    assert!(output.status.success(), "{}", stderr(&output));
-    let body = api.requests()[0].json();
-    assert_eq!(body["client_addr"], "127.0.0.1");
-    assert_eq!(body["local_addr"], "127.0.0.1");
-    let summary = proxy.wait_for_summary(1);
-    assert!(summary.contains("client_addr=127.0.0.1 "), "{summary}");
+both_modes! {
+    /// `ListenStream=22` makes a dual-stack socket, on which IPv4 clients show as ::ffff:a.b.c.d; the API and
+    /// the journal get the plain IPv4 address, which is what an operator searches for.
+    fn ipv4_clients_of_a_dual_stack_socket_are_plain_ipv4(mode) {
+        let vm = Vm::new();
+        let api = StartApi::booting(&vm, BOOT_TIME);
+        let proxy = Proxy::builder_in(mode, &api.url()).dual_stack().start();
+        let output = run(ssh(proxy.addr, &vm.client_key()).arg("true"), PATIENCE);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let body = api.requests()[0].json();
+        assert_eq!(body["client_addr"], "127.0.0.1");
+        assert_eq!(body["local_addr"], "127.0.0.1");
+        let summary = proxy.wait_for_summary(1);
+        assert!(summary.contains("client_addr=127.0.0.1 "), "{summary}");
+    }
 }
 
-#[test]
-fn plain_text_answer_with_a_port() {
-    let vm = Vm::with_port(2222);
-    let api = {
-        let vm = vm.clone();
-        StartApi::serve(move |_| {
-            vm.boot_after(BOOT_TIME);
-            Answer::text(format!("{}\n", vm.addr()))
-        })
-    };
-    let proxy = Proxy::start(&api.url());
-    assert_echo(proxy.addr, &vm.client_key(), "plain");
+both_modes! {
+    fn plain_text_answer_with_a_port(mode) {
+        let vm = Vm::with_port(2222);
+        let api = {
+            let vm = vm.clone();
+            StartApi::serve(move |_| {
+                vm.boot_after(BOOT_TIME);
+                Answer::text(format!("{}\n", vm.addr()))
+            })
+        };
+        let proxy = Proxy::start_in(mode, &api.url());
+        assert_echo(proxy.addr, &vm.client_key(), "plain");
+    }
 }
 
 #[test]
@@ -139,125 +143,132 @@ fn connection_on_fd_3_with_listen_fds() {
     assert_echo(proxy.addr, &vm.client_key(), "fd3");
 }
 
-#[test]
-fn sixty_four_mib_each_way_arrive_intact() {
-    const SIZE: usize = 64 << 20;
-    let vm = Vm::new();
-    let api = StartApi::booting(&vm, BOOT_TIME);
-    let proxy = Proxy::start(&api.url());
-    let local = tempfile::tempdir().unwrap();
+both_modes! {
+    fn sixty_four_mib_each_way_arrive_intact(mode) {
+        const SIZE: usize = 64 << 20;
+        let vm = Vm::new();
+        let api = StartApi::booting(&vm, BOOT_TIME);
+        let proxy = Proxy::start_in(mode, &api.url());
+        let local = tempfile::tempdir().unwrap();
 
-    let mut data = vec![0u8; SIZE];
-    fastrand::Rng::with_seed(7).fill(&mut data);
-    let expected = Sha256::digest(&data);
-    let source = local.path().join("up.bin");
-    fs::write(&source, &data).unwrap();
-    drop(data);
+        let mut data = vec![0u8; SIZE];
+        fastrand::Rng::with_seed(7).fill(&mut data);
+        let expected = Sha256::digest(&data);
+        let source = local.path().join("up.bin");
+        fs::write(&source, &data).unwrap();
+        drop(data);
 
-    // Up with scp: the "VM" shares our filesystem, so the copy can be checked where it landed.
-    let landed = vm.dir().join("up.bin");
-    let output = run(
-        scp(proxy.addr, &vm.client_key())
-            .arg(&source)
-            .arg(format!("root@127.0.0.1:{}", landed.display())),
-        PATIENCE * 4,
-    );
-    assert!(output.status.success(), "{}", stderr(&output));
-    assert_eq!(Sha256::digest(fs::read(&landed).unwrap()), expected);
+        // Up with scp: the "VM" shares our filesystem, so the copy can be checked where it landed.
+        let landed = vm.dir().join("up.bin");
+        let output = run(
+            scp(proxy.addr, &vm.client_key())
+                .arg(&source)
+                .arg(format!("root@127.0.0.1:{}", landed.display())),
+            PATIENCE * 4,
+        );
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert_eq!(Sha256::digest(fs::read(&landed).unwrap()), expected);
 
-    // Down with ssh and cat.
-    let output = run(
-        ssh(proxy.addr, &vm.client_key()).arg(format!("cat {}", landed.display())),
-        PATIENCE * 4,
-    );
-    assert!(output.status.success(), "{}", stderr(&output));
-    assert_eq!(output.stdout.len(), SIZE);
-    assert_eq!(Sha256::digest(&output.stdout), expected);
+        // Down with ssh and cat.
+        let output = run(
+            ssh(proxy.addr, &vm.client_key()).arg(format!("cat {}", landed.display())),
+            PATIENCE * 4,
+        );
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert_eq!(output.stdout.len(), SIZE);
+        assert_eq!(Sha256::digest(&output.stdout), expected);
 
-    let summary = proxy.wait_for_summary(2);
-    let bytes = |field: &str| -> u64 {
-        let start = summary.find(&format!("{field}=")).unwrap() + field.len() + 1;
-        summary[start..]
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    assert!(bytes("bytes_to_client") > SIZE as u64, "{summary}");
+        let summary = proxy.wait_for_summary(2);
+        let bytes = |field: &str| -> u64 {
+            let start = summary.find(&format!("{field}=")).unwrap() + field.len() + 1;
+            summary[start..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        assert!(bytes("bytes_to_client") > SIZE as u64, "{summary}");
+    }
 }
 
-#[test]
-fn local_port_forwarding_works_through_the_proxy() {
-    let vm = Vm::new();
-    let api = StartApi::booting(&vm, BOOT_TIME);
-    let proxy = Proxy::start(&api.url());
+both_modes! {
+    fn local_port_forwarding_works_through_the_proxy(mode) {
+        let vm = Vm::new();
+        let api = StartApi::booting(&vm, BOOT_TIME);
+        let proxy = Proxy::start_in(mode, &api.url());
 
-    // A service next to the VM, reachable only through the tunnel's far end.
-    let service = TcpListener::bind("127.0.0.1:0").unwrap();
-    let service_port = service.local_addr().unwrap().port();
-    thread::spawn(move || {
-        for stream in service.incoming().flatten() {
-            let mut stream = stream;
-            let mut buf = [0u8; 64];
-            let n = stream.read(&mut buf).unwrap_or(0);
-            let _ = stream.write_all(&[b"echo: ", &buf[..n]].concat());
-        }
-    });
-
-    let local = tempfile::tempdir().unwrap();
-    let socket = local.path().join("tunnel.sock");
-    let mut client = ssh(proxy.addr, &vm.client_key())
-        .arg("-L")
-        .arg(format!("{}:127.0.0.1:{service_port}", socket.display()))
-        .arg("echo ready; read line; exit 0")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // ssh opens its forwarding listener before the session, so "ready" means the tunnel is there.
-    let mut ready = [0u8; 6];
-    client
-        .stdout
-        .as_mut()
-        .unwrap()
-        .read_exact(&mut ready)
-        .unwrap();
-    assert_eq!(&ready, b"ready\n");
-
-    let mut tunnel = UnixStream::connect(&socket).unwrap();
-    tunnel.write_all(b"ping").unwrap();
-    let mut answer = [0u8; 10];
-    tunnel.read_exact(&mut answer).unwrap();
-    assert_eq!(&answer, b"echo: ping");
-
-    // ssh exits once the session and every forwarded connection are closed.
-    drop(tunnel);
-    drop(client.stdin.take());
-    assert!(client.wait().unwrap().success());
-}
-
-#[test]
-fn api_errors_are_retried_until_it_answers() {
-    let vm = Vm::new();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let api = {
-        let (vm, calls) = (vm.clone(), calls.clone());
-        StartApi::serve(move |_| match calls.fetch_add(1, Ordering::SeqCst) {
-            0 => Answer::reply(500, "text/plain", "hypervisor busy"),
-            1 => Answer::reply(503, "text/html", "<html>maintenance</html>"),
-            _ => {
-                vm.boot_after(BOOT_TIME);
-                Answer::json(json!({ "vm_ip": vm.ip().to_string() }))
+        // A service next to the VM, reachable only through the tunnel's far end.
+        let service = TcpListener::bind("127.0.0.1:0").unwrap();
+        let service_port = service.local_addr().unwrap().port();
+        thread::spawn(move || {
+            for stream in service.incoming().flatten() {
+                let mut stream = stream;
+                let mut buf = [0u8; 64];
+                let n = stream.read(&mut buf).unwrap_or(0);
+                let _ = stream.write_all(&[b"echo: ", &buf[..n]].concat());
             }
-        })
-    };
-    let proxy = Proxy::start(&api.url());
-    assert_echo(proxy.addr, &vm.client_key(), "third time");
-    assert_eq!(api.requests().len(), 3);
-    proxy.log.wait_for(PATIENCE, |l| {
-        l.contains("500 Internal Server Error") && l.contains("retrying")
-    });
+        });
+
+        let local = tempfile::tempdir().unwrap();
+        let socket = local.path().join("tunnel.sock");
+        let mut client = ssh(proxy.addr, &vm.client_key())
+            .arg("-L")
+            .arg(format!("{}:127.0.0.1:{service_port}", socket.display()))
+            .arg("echo ready; read line; exit 0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // ssh opens its forwarding listener before the session, so "ready" means the tunnel is there.
+        let mut ready = [0u8; 6];
+        client
+            .stdout
+            .as_mut()
+            .unwrap()
+            .read_exact(&mut ready)
+            .unwrap();
+        assert_eq!(&ready, b"ready\n");
+
+        let mut tunnel = UnixStream::connect(&socket).unwrap();
+        tunnel.write_all(b"ping").unwrap();
+        let mut answer = [0u8; 10];
+        tunnel.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"echo: ping");
+
+        // ssh exits once the session and every forwarded connection are closed.
+        drop(tunnel);
+        drop(client.stdin.take());
+        assert!(client.wait().unwrap().success());
+    }
+}
+
+both_modes! {
+    fn api_errors_are_retried_until_it_answers(mode) {
+        let vm = Vm::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let api = {
+            let (vm, calls) = (vm.clone(), calls.clone());
+            StartApi::serve(move |_| match calls.fetch_add(1, Ordering::SeqCst) {
+                0 => Answer::reply(500, "text/plain", "hypervisor busy"),
+                1 => Answer::reply(503, "text/html", "<html>maintenance</html>"),
+                _ => {
+                    vm.boot_after(BOOT_TIME);
+                    Answer::json(json!({ "vm_ip": vm.ip().to_string() }))
+                }
+            })
+        };
+        let proxy = Proxy::start_in(mode, &api.url());
+        assert_echo(proxy.addr, &vm.client_key(), "third time");
+        assert_eq!(api.requests().len(), 3);
+        let retry = proxy.log.wait_for(PATIENCE, |l| {
+            l.contains("500 Internal Server Error") && l.contains("retrying")
+        });
+        // Not a warning: `journalctl -p warning` lists failures, and this login succeeded.
+        assert!(retry.contains(" INFO "), "{retry}");
+        let summary = proxy.wait_for_summary(1);
+        assert!(summary.contains(" INFO "), "{summary}");
+    }
 }
 
 /// Runs one ssh login that must be refused, and returns what the user saw on stderr.
@@ -271,203 +282,212 @@ fn refused_login(proxy: &Proxy) -> String {
     seen
 }
 
-#[test]
-fn api_refusal_is_shown_to_the_user_and_not_retried() {
-    let api = StartApi::serve(|_| {
-        Answer::reply(
-            403,
-            "application/json",
-            r#"{"error": "quota exceeded for team blue"}"#,
-        )
-    });
-    let proxy = Proxy::start(&api.url());
-    let seen = refused_login(&proxy);
-    assert!(
-        seen.contains(
-            "VM failed to start: the start API answered 403 Forbidden: quota exceeded for team blue"
-        ),
-        "{seen}"
-    );
-    assert_eq!(api.requests().len(), 1, "a 4xx is final");
-    let summary = proxy.wait_for_summary(1);
-    assert!(summary.contains("WARN"), "{summary}");
-    assert!(summary.contains(r#"outcome="api_failed""#), "{summary}");
-}
-
-#[test]
-fn unusable_answers_are_shown_to_the_user() {
-    let answers = [
-        (
+both_modes! {
+    fn api_refusal_is_shown_to_the_user_and_not_retried(mode) {
+        let api = StartApi::serve(|_| {
             Answer::reply(
-                200,
-                "text/html",
-                "<!doctype html><title>Welcome to nginx</title>",
-            ),
-            "the start API's answer is unusable: it is HTML, not an address",
-        ),
-        (
-            Answer::text("vm-17.cluster.internal"),
-            "is a hostname; the start API must answer with an IP address",
-        ),
-        (
-            Answer::json(json!({ "state": "booting" })),
-            "the start API's answer is unusable: the JSON has no vm_ip",
-        ),
-        (Answer::text("¯\\_(ツ)_/¯"), "is not an IP address"),
-        (
-            Answer::reply(200, "text/plain", "x".repeat(100_000)),
-            "the start API's answer is larger than 64 KiB",
-        ),
-    ];
-    let expectations: Vec<&str> = answers.iter().map(|(_, e)| *e).collect();
-    let mut answers = answers.into_iter().map(|(a, _)| a);
-    let api = StartApi::serve(move |_| answers.next().unwrap());
-    let proxy = Proxy::start(&api.url());
-    for expected in expectations {
-        let seen = refused_login(&proxy);
-        assert!(seen.contains("VM failed to start: "), "{seen}");
-        assert!(seen.contains(expected), "expected {expected:?} in {seen}");
-    }
-}
-
-#[test]
-fn redirect_loop_is_shown_to_the_user() {
-    let api = StartApi::serve(|request| Answer::Redirect {
-        location: request.url.clone(),
-    });
-    let proxy = Proxy::start(&api.url());
-    let seen = refused_login(&proxy);
-    assert!(
-        seen.contains("VM failed to start: the start API redirected more than 5 times"),
-        "{seen}"
-    );
-    // The first request and five redirects, not retried: a loop does not end by itself.
-    assert_eq!(api.requests().len(), 6);
-}
-
-#[test]
-fn hung_api_is_shown_to_the_user() {
-    let api = StartApi::serve(|_| Answer::Hang);
-    let proxy = Proxy::builder(&api.url())
-        .args(["--api-timeout", "1s", "--boot-timeout", "2500ms"])
-        .start();
-    let seen = refused_login(&proxy);
-    assert!(
-        seen.contains("VM failed to start: the start API did not answer within 1 s"),
-        "{seen}"
-    );
-}
-
-#[test]
-fn vm_that_never_answers_hits_the_deadline() {
-    let vm = Vm::new(); // never started
-    let api = StartApi::pointing_at(&vm);
-    let proxy = Proxy::builder(&api.url())
-        .args(["--boot-timeout", "2s"])
-        .start();
-    let started = Instant::now();
-    let seen = refused_login(&proxy);
-    assert!(started.elapsed() >= Duration::from_secs(2));
-    assert!(
-        seen.contains(&format!(
-            "VM did not answer within 2 s (start API said {}; last try: Connection refused",
-            vm.ip()
-        )),
-        "{seen}"
-    );
-    let summary = proxy.wait_for_summary(1);
-    assert!(summary.contains(r#"outcome="vm_not_ready""#), "{summary}");
-}
-
-/// A hypervisor port forward: accepts at once, then closes the connection while the guest does not listen.
-/// A TCP accept is therefore no sign of readiness; only sshd's identification is.
-#[test]
-fn port_forward_that_accepts_before_the_guest_listens() {
-    let vm = Vm::new();
-    let forward = TcpListener::bind("127.0.0.1:0").unwrap();
-    let forward_addr = forward.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    {
-        let (vm_addr, accepted) = (vm.addr(), accepted.clone());
-        thread::spawn(move || {
-            for outside in forward.incoming().flatten() {
-                accepted.fetch_add(1, Ordering::SeqCst);
-                let Ok(inside) = TcpStream::connect(vm_addr) else {
-                    continue; // dropping `outside` closes it, as QEMU's user networking does
-                };
-                let (mut a, mut b) = (outside.try_clone().unwrap(), inside.try_clone().unwrap());
-                thread::spawn(move || {
-                    let _ = std::io::copy(&mut a, &mut b);
-                    let _ = b.shutdown(Shutdown::Write);
-                });
-                let (mut a, mut b) = (inside, outside);
-                thread::spawn(move || {
-                    let _ = std::io::copy(&mut a, &mut b);
-                    let _ = b.shutdown(Shutdown::Write);
-                });
-            }
+                403,
+                "application/json",
+                r#"{"error": "quota exceeded for team blue"}"#,
+            )
         });
+        let proxy = Proxy::start_in(mode, &api.url());
+        let seen = refused_login(&proxy);
+        assert!(
+            seen.contains(
+                "VM failed to start: the start API answered 403 Forbidden: quota exceeded for team blue"
+            ),
+            "{seen}"
+        );
+        assert_eq!(api.requests().len(), 1, "a 4xx is final");
+        let summary = proxy.wait_for_summary(1);
+        assert!(summary.contains("WARN"), "{summary}");
+        assert!(summary.contains(r#"outcome="api_failed""#), "{summary}");
     }
-    let api = {
-        let vm = vm.clone();
-        StartApi::serve(move |_| {
-            vm.boot_after(Duration::from_millis(500));
-            Answer::text(forward_addr.to_string())
-        })
-    };
-    let proxy = Proxy::start(&api.url());
-    assert_echo(proxy.addr, &vm.client_key(), "through");
-    assert!(
-        accepted.load(Ordering::SeqCst) >= 2,
-        "the proxy must have retried after accepted-then-closed connections"
-    );
 }
 
-#[test]
-fn client_gone_while_the_vm_boots_ends_the_instance_within_a_second() {
-    let vm = Vm::new(); // never boots
-    let api = StartApi::pointing_at(&vm);
-    let proxy = Proxy::start(&api.url()); // boot deadline: the default 120 s
-    let mut client = ssh(proxy.addr, &vm.client_key())
-        .arg("true")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    api.wait_for_requests(1, PATIENCE);
-    proxy
-        .log
-        .wait_for(PATIENCE, |l| l.contains("start API answered"));
-
-    client.kill().unwrap();
-    let killed = Instant::now();
-    client.wait().unwrap();
-    let exited = proxy.wait_for_instance_exit(Duration::from_secs(1));
-    assert!(
-        exited.is_some(),
-        "the instance still runs 1 s after its client left"
-    );
-    assert!(killed.elapsed() < Duration::from_secs(1));
-    let summary = proxy.wait_for_summary(1);
-    assert!(summary.contains(r#"outcome="client_gone""#), "{summary}");
+both_modes! {
+    fn unusable_answers_are_shown_to_the_user(mode) {
+        let answers = [
+            (
+                Answer::reply(
+                    200,
+                    "text/html",
+                    "<!doctype html><title>Welcome to nginx</title>",
+                ),
+                "the start API's answer is unusable: it is HTML, not an address",
+            ),
+            (
+                Answer::text("vm-17.cluster.internal"),
+                "is a hostname; the start API must answer with an IP address",
+            ),
+            (
+                Answer::json(json!({ "state": "booting" })),
+                "the start API's answer is unusable: the JSON has no vm_ip",
+            ),
+            (Answer::text("¯\\_(ツ)_/¯"), "is not an IP address"),
+            (
+                Answer::reply(200, "text/plain", "x".repeat(100_000)),
+                "the start API's answer is larger than 64 KiB",
+            ),
+        ];
+        let expectations: Vec<&str> = answers.iter().map(|(_, e)| *e).collect();
+        let mut answers = answers.into_iter().map(|(a, _)| a);
+        let api = StartApi::serve(move |_| answers.next().unwrap());
+        let proxy = Proxy::start_in(mode, &api.url());
+        for expected in expectations {
+            let seen = refused_login(&proxy);
+            assert!(seen.contains("VM failed to start: "), "{seen}");
+            assert!(seen.contains(expected), "expected {expected:?} in {seen}");
+        }
+    }
 }
 
-#[test]
-fn client_that_does_not_speak_ssh_starts_nothing() {
-    let api = StartApi::serve(|_| Answer::text("127.0.0.1"));
-    let proxy = Proxy::start(&api.url());
-    let mut stream = TcpStream::connect(proxy.addr).unwrap();
-    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).unwrap();
-    assert!(answer.is_empty(), "{answer:?}");
-    let summary = proxy.wait_for_summary(1);
-    assert!(summary.contains(r#"outcome="not_ssh""#), "{summary}");
-    assert!(
-        api.requests().is_empty(),
-        "a VM was started for an HTTP client"
-    );
+both_modes! {
+    fn redirect_loop_is_shown_to_the_user(mode) {
+        let api = StartApi::serve(|request| Answer::Redirect {
+            location: request.url.clone(),
+        });
+        let proxy = Proxy::start_in(mode, &api.url());
+        let seen = refused_login(&proxy);
+        assert!(
+            seen.contains("VM failed to start: the start API redirected more than 5 times"),
+            "{seen}"
+        );
+        // The first request and five redirects, not retried: a loop does not end by itself.
+        assert_eq!(api.requests().len(), 6);
+    }
+}
+
+both_modes! {
+    fn hung_api_is_shown_to_the_user(mode) {
+        let api = StartApi::serve(|_| Answer::Hang);
+        let proxy = Proxy::builder_in(mode, &api.url())
+            .args(["--api-timeout", "1s", "--boot-timeout", "2500ms"])
+            .start();
+        let seen = refused_login(&proxy);
+        assert!(
+            seen.contains("VM failed to start: the start API did not answer within 1 s"),
+            "{seen}"
+        );
+    }
+}
+
+both_modes! {
+    fn vm_that_never_answers_hits_the_deadline(mode) {
+        let vm = Vm::new(); // never started
+        let api = StartApi::pointing_at(&vm);
+        let proxy = Proxy::builder_in(mode, &api.url())
+            .args(["--boot-timeout", "2s"])
+            .start();
+        let started = Instant::now();
+        let seen = refused_login(&proxy);
+        assert!(started.elapsed() >= Duration::from_secs(2));
+        assert!(
+            seen.contains(&format!(
+                "VM did not answer within 2 s (start API said {}; last try: Connection refused",
+                vm.ip()
+            )),
+            "{seen}"
+        );
+        let summary = proxy.wait_for_summary(1);
+        assert!(summary.contains(r#"outcome="vm_not_ready""#), "{summary}");
+    }
+}
+
+both_modes! {
+    /// A hypervisor port forward: accepts at once, then closes the connection while the guest does not listen.
+    /// A TCP accept is therefore no sign of readiness; only sshd's identification is.
+    fn port_forward_that_accepts_before_the_guest_listens(mode) {
+        let vm = Vm::new();
+        let forward = TcpListener::bind("127.0.0.1:0").unwrap();
+        let forward_addr = forward.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        {
+            let (vm_addr, accepted) = (vm.addr(), accepted.clone());
+            thread::spawn(move || {
+                for outside in forward.incoming().flatten() {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    let Ok(inside) = TcpStream::connect(vm_addr) else {
+                        continue; // dropping `outside` closes it, as QEMU's user networking does
+                    };
+                    let (mut a, mut b) = (outside.try_clone().unwrap(), inside.try_clone().unwrap());
+                    thread::spawn(move || {
+                        let _ = std::io::copy(&mut a, &mut b);
+                        let _ = b.shutdown(Shutdown::Write);
+                    });
+                    let (mut a, mut b) = (inside, outside);
+                    thread::spawn(move || {
+                        let _ = std::io::copy(&mut a, &mut b);
+                        let _ = b.shutdown(Shutdown::Write);
+                    });
+                }
+            });
+        }
+        let api = {
+            let vm = vm.clone();
+            StartApi::serve(move |_| {
+                vm.boot_after(Duration::from_millis(500));
+                Answer::text(forward_addr.to_string())
+            })
+        };
+        let proxy = Proxy::start_in(mode, &api.url());
+        assert_echo(proxy.addr, &vm.client_key(), "through");
+        assert!(
+            accepted.load(Ordering::SeqCst) >= 2,
+            "the proxy must have retried after accepted-then-closed connections"
+        );
+    }
+}
+
+both_modes! {
+    /// The client leaves while its VM boots: its instance (or session) stops waiting and ends at once.
+    fn client_gone_while_the_vm_boots_ends_the_session_within_a_second(mode) {
+        let vm = Vm::new(); // never boots
+        let api = StartApi::pointing_at(&vm);
+        let proxy = Proxy::start_in(mode, &api.url()); // boot deadline: the default 120 s
+        let mut client = ssh(proxy.addr, &vm.client_key())
+            .arg("true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        api.wait_for_requests(1, PATIENCE);
+        proxy
+            .log
+            .wait_for(PATIENCE, |l| l.contains("start API answered"));
+
+        client.kill().unwrap();
+        let killed = Instant::now();
+        client.wait().unwrap();
+        let summary = proxy.try_wait_for_summary(1, Duration::from_secs(1));
+        assert!(summary.is_some(), "the session still runs 1 s after its client left");
+        if mode == Mode::Activated {
+            let exited = proxy.log.try_wait_for(Duration::from_secs(1), |l| l.contains(" died with code "));
+            assert!(exited.is_some(), "the instance still runs 1 s after its client left");
+        }
+        assert!(killed.elapsed() < Duration::from_secs(2));
+        assert!(summary.unwrap().contains(r#"outcome="client_gone""#));
+    }
+}
+
+both_modes! {
+    fn client_that_does_not_speak_ssh_starts_nothing(mode) {
+        let api = StartApi::serve(|_| Answer::text("127.0.0.1"));
+        let proxy = Proxy::start_in(mode, &api.url());
+        let mut stream = TcpStream::connect(proxy.addr).unwrap();
+        stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).unwrap();
+        assert!(answer.is_empty(), "{answer:?}");
+        let summary = proxy.wait_for_summary(1);
+        assert!(summary.contains(r#"outcome="not_ssh""#), "{summary}");
+        assert!(
+            api.requests().is_empty(),
+            "a VM was started for an HTTP client"
+        );
+    }
 }
 
 #[test]
@@ -494,25 +514,121 @@ fn misconfiguration_is_shown_to_the_user_and_detailed_in_the_log() {
         .wait_for(PATIENCE, |l| l.contains("unknown field `boot_timout`"));
 }
 
-#[test]
-fn https_start_api_is_trusted_through_api_ca_file() {
-    let vm = Vm::new();
-    vm.start();
-    let api = HttpsApi::serve(&json!({ "vm_ip": vm.ip().to_string() }).to_string());
+both_modes! {
+    fn https_start_api_is_trusted_through_api_ca_file(mode) {
+        let vm = Vm::new();
+        vm.start();
+        let api = HttpsApi::serve(&json!({ "vm_ip": vm.ip().to_string() }).to_string());
 
-    // Its CA is not among the system's: the user is told why at once, not after retrying until the boot
-    // deadline (120 s, longer than refused_login waits).
-    let proxy = Proxy::start(&api.url);
-    let seen = refused_login(&proxy);
-    assert!(
-        seen.contains(
-            "VM failed to start: the start API's TLS connection failed (invalid peer certificate"
-        ),
-        "{seen}"
-    );
+        // Its CA is not among the system's: the user is told why at once, not after retrying until the boot
+        // deadline (120 s, longer than refused_login waits).
+        let proxy = Proxy::start_in(mode, &api.url);
+        let seen = refused_login(&proxy);
+        assert!(
+            seen.contains(
+                "VM failed to start: the start API's TLS connection failed (invalid peer certificate"
+            ),
+            "{seen}"
+        );
 
-    let proxy = Proxy::builder(&api.url)
-        .arg(format!("--api-ca-file={}", api.ca_file.display()))
-        .start();
-    assert_echo(proxy.addr, &vm.client_key(), "tls");
+        let proxy = Proxy::builder_in(mode, &api.url)
+            .arg(format!("--api-ca-file={}", api.ca_file.display()))
+            .start();
+        assert_echo(proxy.addr, &vm.client_key(), "tls");
+    }
+}
+
+/// `ssh-keyscan` of the proxy (the first thing Ansible and CI do): the VM's host key.
+fn keyscan(proxy: &Proxy) -> std::process::Output {
+    run(
+        std::process::Command::new("ssh-keyscan")
+            .args(["-T", "10", "-t", "ed25519", "-p"])
+            .arg(proxy.addr.port().to_string())
+            .arg(proxy.addr.ip().to_string()),
+        PATIENCE,
+    )
+}
+
+/// The key `ssh-keyscan` printed is the VM's own.
+fn assert_scanned(output: &std::process::Output, vm: &Vm) {
+    let host_key = fs::read_to_string(vm.dir().join("host_key.pub")).unwrap();
+    let key = host_key.split_whitespace().nth(1).unwrap();
+    let scanned = stdout(output);
+    assert!(scanned.contains(key), "{scanned:?}\n{}", stderr(output));
+}
+
+both_modes! {
+    /// ssh-keyscan waits for the server to speak first. It gets the VM's host key when the VM runs, and
+    /// starts nothing when it does not (scanners behave the same way).
+    fn ssh_keyscan_gets_the_running_vms_key_and_starts_nothing(mode) {
+        let vm = Vm::new();
+        let api = StartApi::booting(&vm, BOOT_TIME);
+        let proxy = Proxy::builder_in(mode, &api.url())
+            .arg("--client-banner-timeout=1s")
+            .start();
+        let cold = keyscan(&proxy);
+        assert!(stdout(&cold).is_empty(), "{}", stdout(&cold));
+        assert!(api.requests().is_empty(), "a VM was started for a client that said nothing");
+        let summary = proxy.wait_for_summary(1);
+        assert!(summary.contains(r#"outcome="not_ssh""#), "{summary}");
+        assert!(summary.contains("as ssh-keyscan does) and its VM is not running"), "{summary}");
+
+        assert_echo(proxy.addr, &vm.client_key(), "booted");
+        assert_scanned(&keyscan(&proxy), &vm);
+        assert_eq!(api.requests().len(), 1, "the running VM was not asked for again");
+    }
+
+    /// With `silent_clients = "start"`, ssh-keyscan of a cold VM starts it.
+    fn ssh_keyscan_starts_the_vm_when_told_to(mode) {
+        let vm = Vm::new();
+        let api = StartApi::booting(&vm, BOOT_TIME);
+        let proxy = Proxy::builder_in(mode, &api.url())
+            .args(["--client-banner-timeout=1s", "--silent-clients=start"])
+            .start();
+        assert_scanned(&keyscan(&proxy), &vm);
+        assert_eq!(api.requests().len(), 1);
+    }
+
+    /// A start API that answers with this host's loopback, its own address or the cloud's metadata service
+    /// is refused unless the operator lists those networks; nothing is connected to.
+    fn answers_pointing_at_the_host_are_refused(mode) {
+        let answers = [
+            ("127.0.0.1", "which is a loopback address"),
+            ("169.254.169.254", "which is link-local (cloud metadata services answer there)"),
+        ];
+        for (ip, why) in answers {
+            let api = StartApi::serve(move |_| Answer::text(ip));
+            let proxy = Proxy::builder_in(mode, &api.url()).default_vm_networks().start();
+            let seen = refused_login(&proxy);
+            assert!(
+                seen.contains(&format!("VM failed to start: the start API answered {ip}, {why}; the operator can allow it in vm_networks")),
+                "{seen}"
+            );
+            let summary = proxy.wait_for_summary(1);
+            assert!(summary.contains(r#"outcome="api_failed""#), "{summary}");
+        }
+        let vm = Vm::new();
+        vm.start();
+        let api = StartApi::pointing_at(&vm);
+        let proxy = Proxy::builder_in(mode, &api.url())
+            .default_vm_networks()
+            .arg("--vm-network=10.0.0.0/8")
+            .start();
+        let seen = refused_login(&proxy);
+        assert!(seen.contains("which is outside vm_networks"), "{seen}");
+        assert_eq!(vm.connections(), 0);
+    }
+
+    /// A client that resets its connection before it is served still leaves its summary record.
+    fn client_that_resets_at_once_leaves_a_summary(mode) {
+        let api = StartApi::serve(|_| Answer::text("127.0.0.1"));
+        let proxy = Proxy::start_in(mode, &api.url());
+        let stream = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        stream.connect(&proxy.addr.into()).unwrap();
+        stream.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(stream); // RST
+        let summary = proxy.wait_for_summary(1);
+        assert!(summary.contains(r#"outcome="client_gone""#), "{summary}");
+        assert!(api.requests().is_empty());
+    }
 }

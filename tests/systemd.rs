@@ -1,7 +1,9 @@
 //! ssh-on-demand under real systemd: the Debian package, built from the current sources, is installed into a
 //! container that boots systemd 252 as PID 1, configured and enabled the way the README tells an operator, and
-//! then used from the host: an ssh login through the socket unit to a VM (a real sshd started by a real start
-//! API), a refused login, the journal's records, `systemctl status`, and systemd-analyze on the installed units.
+//! then used from the host, once with the per-connection units and once with the daemon's: logins through
+//! the sockets to two profiles' VMs (real sshd started by real start APIs), a burst that makes one start call,
+//! the idle stop, `ssh-on-demand status`, the journal's records, `systemctl status`, reload and drain, and
+//! systemd-analyze on the installed units.
 
 mod common;
 
@@ -14,7 +16,8 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::mpsc,
-    time::Instant,
+    thread,
+    time::{Duration, Instant},
 };
 
 use clap::Args;
@@ -23,41 +26,37 @@ use common::{
     api::{Answer, StartApi},
     container::{self, Container, wait_for},
     log::Log,
-    ssh::{run, ssh},
+    ssh::{Session, assert_echo, run, ssh},
     vm::Vm,
 };
 use serde_json::{Value, json};
-use ssh_on_demand::{config::Settings, connection::SUMMARY_MESSAGE_ID};
+use ssh_on_demand::{
+    cli::Settings, report::SUMMARY_MESSAGE_ID, vm::lifecycle::LIFECYCLE_MESSAGE_ID,
+};
 use wait_timeout::ChildExt;
 
-/// What the start API answers to every login after the first: a refusal with a reason for the user.
+/// What the lab's start API tells a client it refuses (127.0.0.9).
 const REFUSAL: &str = "lab is full until 18:00";
+const REFUSED_CLIENT: &str = "127.0.0.9";
+/// Long enough for a second login to begin within it on a slow machine; every check is against it.
+const IDLE: Duration = Duration::from_secs(5);
+/// Logins in the burst.
+const BURST: usize = 20;
 
 #[test]
-fn installed_package_serves_ssh_under_real_systemd() {
-    if let Some(why) = container::unavailable() {
-        return skipped(&why);
-    }
-    let packages = tempfile::tempdir().unwrap();
-    let deb = build_deb(packages.path());
-    let rootfs = container::cached_rootfs();
-    if let Err(why) = Container::preflight(&rootfs) {
-        return skipped(&why);
-    }
-    let host = Host::new();
-
-    let started = Instant::now();
-    let container = Container::boot(&rootfs, |root| {
-        fs::copy(&deb, root.join("root/ssh-on-demand.deb")).unwrap();
-    });
-    eprintln!("container booted in {:?}", started.elapsed());
-    // As the README tells an operator: install the package, configure, enable the socket.
-    container.run_ok("dpkg", &["--install", "/root/ssh-on-demand.deb"]);
-    check_installed_package(&container);
-    configure(&container, &host);
+fn per_connection_units_under_real_systemd() {
+    let Some((container, host)) = setup() else {
+        return;
+    };
+    configure(&container, &host, "ssh-on-demand.socket", "");
+    // Starting the socket started the sweep's timer with it (Wants=).
+    let timer = container.run("systemctl", &["is-active", "ssh-on-demand-sweep.timer"]);
+    assert_eq!(String::from_utf8_lossy(&timer.stdout).trim(), "active");
 
     let client = login_held_open(&container, &host);
     check_login_summary(&container, &host, &client);
+    idle_stop_after_the_last_logout(&container, &host);
+    burst_makes_one_start_call(&container, &host);
     refused_login(&container, &host);
     login_without_token(&container, &host);
     instances_are_collected(&container);
@@ -67,62 +66,148 @@ fn installed_package_serves_ssh_under_real_systemd() {
     assert!(!journal.contains(&host.token), "the token was logged");
 }
 
-/// What runs on the host: the VM, the start API and the address the socket unit is moved to.
+#[test]
+fn daemon_units_under_real_systemd() {
+    let Some((container, host)) = setup() else {
+        return;
+    };
+    // A short watchdog, so that its pings show within the test, and a short drain.
+    let drop_in = container
+        .root()
+        .join("etc/systemd/system/ssh-on-demand-daemon.service.d");
+    fs::create_dir_all(&drop_in).unwrap();
+    fs::write(drop_in.join("test.conf"), "[Service]\nWatchdogSec=2s\n").unwrap();
+    configure(
+        &container,
+        &host,
+        "ssh-on-demand-daemon.socket",
+        "drain_timeout = \"2s\"\n",
+    );
+
+    let client = login_held_open(&container, &host);
+    check_login_summary(&container, &host, &client);
+    let unit = "ssh-on-demand-daemon.service";
+    wait_for("the daemon's STATUS=", PATIENCE, || {
+        let status = show(&container, unit, "StatusText");
+        status.contains("sessions").then_some(()).ok_or(status)
+    });
+    watchdog_is_pinged(&container, unit);
+    idle_stop_after_the_last_logout(&container, &host);
+    burst_makes_one_start_call(&container, &host);
+    refused_login(&container, &host);
+    reload(&container, &host, unit);
+    drain_on_stop(&container, &host, unit);
+}
+
+/// Builds the package, boots a container and installs it there, checking what it installed. `None` (after a
+/// loud notice) only on a machine that cannot run containers at all.
+fn setup() -> Option<(Container, Host)> {
+    if let Some(why) = container::unavailable() {
+        skipped(&why);
+        return None;
+    }
+    let packages = tempfile::tempdir().unwrap();
+    let deb = build_deb(packages.path());
+    let rootfs = container::cached_rootfs();
+    if let Err(why) = Container::preflight(&rootfs) {
+        skipped(&why);
+        return None;
+    }
+    let host = Host::new();
+    let started = Instant::now();
+    let container = Container::boot(&rootfs, |root| {
+        fs::copy(&deb, root.join("root/ssh-on-demand.deb")).unwrap();
+    });
+    eprintln!("container booted in {:?}", started.elapsed());
+    // As the README tells an operator: install the package, configure, enable a socket.
+    container.run_ok("dpkg", &["--install", "/root/ssh-on-demand.deb"]);
+    check_installed_package(&container);
+    Some((container, host))
+}
+
+/// What runs on the host: two VMs with their start/stop APIs, and the address the sockets are moved to.
 struct Host {
-    vm: Vm,
-    api: StartApi,
-    /// Lets the start API answer its first request.
+    /// The default profile, "lab": a VM per client address.
+    lab: Vm,
+    lab_api: StartApi,
+    /// Lets the lab's start API answer its first request.
     open_gate: mpsc::Sender<()>,
+    /// The profile "ci" on port 2222: one VM for everyone, booted when the test says.
+    ci: Vm,
+    ci_api: StartApi,
     token: String,
-    listen: SocketAddr,
+    listen: Ipv4Addr,
 }
 
 impl Host {
-    /// The start API holds the first request until the test has seen the instance's "starting" status, then
-    /// boots the VM and answers with its address; it refuses every later request.
+    /// The lab's start API holds the first request until the test has seen the instance's "starting" status,
+    /// then boots the VM and answers with its address; it refuses 127.0.0.9. Both stop APIs stop their VM.
     fn new() -> Host {
-        let vm = Vm::new();
+        let lab = Vm::new();
         let (open_gate, gate) = mpsc::channel::<()>();
-        let api = {
-            let vm = vm.clone();
-            let mut served = 0;
-            StartApi::serve(move |_| {
-                served += 1;
-                if served > 1 {
+        let lab_api = {
+            let vm = lab.clone();
+            let mut first = true;
+            StartApi::serve(move |request| {
+                if request.url == "/stop" {
+                    vm.stop();
+                    return Answer::text("stopped");
+                }
+                if request.json()["client_addr"] == REFUSED_CLIENT {
                     return Answer::reply(403, "text/plain", REFUSAL);
                 }
-                let _ = gate.recv_timeout(PATIENCE);
+                if std::mem::take(&mut first) {
+                    let _ = gate.recv_timeout(PATIENCE);
+                }
                 vm.start();
                 Answer::json(json!({ "vm_ip": vm.ip().to_string() }))
             })
         };
-        // Its own loopback address on port 22, like the VMs: port 22 of 0.0.0.0 would collide with them.
-        let listen = SocketAddr::from((
-            Ipv4Addr::new(
-                127,
-                fastrand::u8(200..=254),
-                fastrand::u8(1..255),
-                fastrand::u8(1..255),
-            ),
-            22,
-        ));
+        let ci = Vm::new();
+        let ci_api = {
+            let vm = ci.clone();
+            StartApi::serve(move |request| {
+                if request.url == "/stop" {
+                    vm.stop();
+                    return Answer::text("stopped");
+                }
+                Answer::json(json!({ "vm_ip": vm.ip().to_string() }))
+            })
+        };
+        // Its own loopback address, like the VMs: port 22 of 0.0.0.0 would collide with them.
+        let listen = Ipv4Addr::new(
+            127,
+            fastrand::u8(200..=254),
+            fastrand::u8(1..255),
+            fastrand::u8(1..255),
+        );
         Host {
-            vm,
-            api,
+            lab,
+            lab_api,
             open_gate,
+            ci,
+            ci_api,
             token: format!("t0ken-{:016x}", fastrand::u64(..)),
             listen,
         }
     }
+
+    fn lab_addr(&self) -> SocketAddr {
+        (self.listen, 22).into()
+    }
+
+    fn ci_addr(&self) -> SocketAddr {
+        (self.listen, 2222).into()
+    }
 }
 
-/// The operator's part: the start API in the config file, the token in the credential store, the socket
-/// moved to the test's address with a drop-in, then enabled.
-fn configure(container: &Container, host: &Host) {
+/// The operator's part: both profiles in the config file, the token in the credential store, `socket`
+/// moved to the test's address (ports 22 and 2222) with a drop-in, then enabled.
+fn configure(container: &Container, host: &Host, socket: &str, extra: &str) {
     let root = container.root();
     fs::write(
         root.join("etc/ssh-on-demand/config.toml"),
-        format!("api_url = \"{}\"\nprofile = \"lab\"\n", host.api.url()),
+        config(host, extra),
     )
     .unwrap();
     write_private(
@@ -130,21 +215,47 @@ fn configure(container: &Container, host: &Host) {
         "ssh-on-demand.api-token",
         &host.token,
     );
-    let drop_in = root.join("etc/systemd/system/ssh-on-demand.socket.d");
+    let drop_in = root.join(format!("etc/systemd/system/{socket}.d"));
     fs::create_dir_all(&drop_in).unwrap();
     fs::write(
         drop_in.join("listen.conf"),
-        format!("[Socket]\nListenStream=\nListenStream={}\n", host.listen),
+        format!(
+            "[Socket]\nListenStream=\nListenStream={}\nListenStream={}\n",
+            host.lab_addr(),
+            host.ci_addr()
+        ),
     )
     .unwrap();
+    container.run_ok("ssh-on-demand", &["check-config"]);
     container.run_ok("systemctl", &["daemon-reload"]);
-    container.run_ok("systemctl", &["enable", "--now", "ssh-on-demand.socket"]);
+    container.run_ok("systemctl", &["enable", "--now", socket]);
+}
+
+fn config(host: &Host, extra: &str) -> String {
+    format!(
+        "api_url = \"{}\"\n\
+         stop_url = \"{}\"\n\
+         profile = \"lab\"\n\
+         idle_timeout = \"{idle}s\"\n\
+         vm_networks = [\"127.0.0.0/8\"]\n\
+         {extra}\n\
+         [profiles.ci]\n\
+         ports = [2222]\n\
+         api_url = \"{}\"\n\
+         stop_url = \"{}\"\n\
+         vm_scope = \"profile\"\n",
+        host.lab_api.url(),
+        host.lab_api.stop_url(),
+        host.ci_api.url(),
+        host.ci_api.stop_url(),
+        idle = IDLE.as_secs(),
+    )
 }
 
 /// A login that runs a command, held open until the test has seen the instance's STATUS= texts in
-/// `systemctl status`. Returns the client's address as the instance saw it.
+/// `systemctl status` (per-connection units only). Returns the client's address as the proxy saw it.
 fn login_held_open(container: &Container, host: &Host) -> String {
-    let mut session = ssh(host.listen, &host.vm.client_key())
+    let mut session = ssh(host.lab_addr(), &host.lab.client_key())
         .arg(r#"echo ready; read line; echo "got $line""#)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -154,16 +265,22 @@ fn login_held_open(container: &Container, host: &Host) -> String {
     let said = Log::collect(session.stdout.take().unwrap(), "ssh");
     let _ = Log::collect(session.stderr.take().unwrap(), "ssh stderr");
 
-    let starting = wait_for_status(container, |s| {
-        s.starts_with("starting the VM for 127.0.0.1:")
-    });
-    let client = starting
-        .trim_start_matches("starting the VM for ")
-        .to_owned();
+    let per_connection = is_active(container, "ssh-on-demand.socket");
+    if per_connection {
+        wait_for_status(container, |s| {
+            s.starts_with("starting the VM for 127.0.0.1:")
+        });
+    }
     host.open_gate.send(()).unwrap();
+    let request = host.lab_api.wait_for_requests(1, PATIENCE)[0].json();
+    let client = format!("127.0.0.1:{}", request["client_port"]);
     said.wait_for(PATIENCE, |line| line == "ready");
-    let relaying = format!("relaying {client} <-> {}", host.vm.addr());
-    wait_for_status(container, |s| s == relaying);
+    if per_connection {
+        let relaying = format!("relaying {client} <-> {}", host.lab.addr());
+        wait_for_status(container, |s| s == relaying);
+    }
+    let status = status_json(container);
+    assert_eq!(vm(&status, "lab@127.0.0.1")["state"], "up", "{status:#}");
 
     let mut stdin = session.stdin.take().unwrap();
     stdin.write_all(b"bye\n").unwrap();
@@ -177,7 +294,7 @@ fn login_held_open(container: &Container, host: &Host) -> String {
 /// The start API's view of the login, and the login's summary record with every structured field.
 fn check_login_summary(container: &Container, host: &Host, client: &str) {
     // The unit passed the token from /etc/credstore as its credential.
-    let request = &host.api.requests()[0];
+    let request = &host.lab_api.requests()[0];
     let authorization = format!("Bearer {}", host.token);
     assert_eq!(
         request.header("Authorization"),
@@ -185,18 +302,13 @@ fn check_login_summary(container: &Container, host: &Host, client: &str) {
     );
     let body = request.json();
     assert_eq!(body["client_addr"], "127.0.0.1");
-    assert_eq!(body["local_addr"], host.listen.ip().to_string());
+    assert_eq!(body["local_addr"], host.listen.to_string());
     assert_eq!(body["local_port"], 22);
     assert_eq!(body["profile"], "lab");
 
-    let summary = wait_for("the login's summary record", PATIENCE, || {
-        container
-            .journal(&[&summary_match(), "OUTCOME=relayed"])
-            .pop()
-            .ok_or_else(|| "no such record".to_owned())
-    });
+    let summary = newest_record(container, &[&summary_match(), "OUTCOME=relayed"]);
     assert_eq!(field(&summary, "SYSLOG_IDENTIFIER"), "ssh-on-demand");
-    assert!(field(&summary, "_SYSTEMD_UNIT").starts_with("ssh-on-demand@"));
+    assert!(field(&summary, "_SYSTEMD_UNIT").starts_with("ssh-on-demand"));
     assert_eq!(field(&summary, "PRIORITY"), "5");
     assert_eq!(field(&summary, "CLIENT_ADDR"), "127.0.0.1");
     assert_eq!(
@@ -204,7 +316,7 @@ fn check_login_summary(container: &Container, host: &Host, client: &str) {
         client
     );
     assert_eq!(field(&summary, "PROFILE"), "lab");
-    assert_eq!(field(&summary, "VM"), host.vm.addr().to_string());
+    assert_eq!(field(&summary, "VM"), host.lab.addr().to_string());
     for name in ["API_MS", "VM_WAIT_MS", "DURATION_MS"] {
         number(&summary, name);
     }
@@ -213,30 +325,96 @@ fn check_login_summary(container: &Container, host: &Host, client: &str) {
     }
 }
 
+/// The lab VM is idle after the held login: a second login during the idle wait keeps it up, and it is
+/// stopped once, an idle timeout after that second logout; the journal tells each decision.
+fn idle_stop_after_the_last_logout(container: &Container, host: &Host) {
+    wait_for("the lab VM's idle wait", PATIENCE, || {
+        let status = status_json(container);
+        let lab = vm(&status, "lab@127.0.0.1");
+        (lab["state"] == "idle" && lab["stop_due"].is_u64())
+            .then_some(())
+            .ok_or_else(|| status.to_string())
+    });
+    let text = container.run_ok("ssh-on-demand", &["status"]);
+    assert!(
+        text.contains("state: idle since") && text.contains("stop due"),
+        "{text}"
+    );
+
+    assert_echo(host.lab_addr(), &host.lab.client_key(), "in");
+    let logout = Instant::now();
+    assert!(
+        host.lab_api.requests_to("/stop").is_empty(),
+        "stopped during the idle wait"
+    );
+    let stop = &host.lab_api.wait_for_requests_to("/stop", 1, PATIENCE)[0];
+    assert!(stop.at.duration_since(logout) >= IDLE - Duration::from_millis(500));
+    let lifecycle = format!("MESSAGE_ID={LIFECYCLE_MESSAGE_ID}");
+    let stopped = newest_record(container, &[&lifecycle, "DECISION=stopped", "PROFILE=lab"]);
+    assert_eq!(field(&stopped, "VM"), host.lab.addr().to_string());
+    assert_eq!(field(&stopped, "VM_KEY"), "lab@127.0.0.1");
+    assert!(number(&stopped, "IDLE_S") >= IDLE.as_secs() - 1);
+    assert!(!host.lab.is_up());
+    let status = status_json(container);
+    assert_eq!(vm(&status, "lab@127.0.0.1")["state"], "stopped");
+    assert_eq!(host.lab_api.requests_to("/stop").len(), 1);
+}
+
+/// BURST logins to the ci profile while its VM boots: one start call, every login in, then one idle stop.
+fn burst_makes_one_start_call(container: &Container, host: &Host) {
+    let logins: Vec<_> = (0..BURST)
+        .map(|i| {
+            let (addr, key) = (host.ci_addr(), host.ci.client_key());
+            thread::spawn(move || run(ssh(addr, &key).arg(format!("echo {i}")), PATIENCE * 2))
+        })
+        .collect();
+    wait_for(
+        "every login of the burst to wait for the VM",
+        PATIENCE * 2,
+        || {
+            let status = status_json(container);
+            let waiting = vm(&status, "ci")["sessions"].as_array().map_or(0, Vec::len);
+            (waiting == BURST)
+                .then_some(())
+                .ok_or_else(|| status.to_string())
+        },
+    );
+    host.ci.start();
+    for (i, login) in logins.into_iter().enumerate() {
+        let output = login.join().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&output.stdout), format!("{i}\n"));
+    }
+    assert_eq!(host.ci_api.requests_to("/start").len(), 1);
+    let stop = &host.ci_api.wait_for_requests_to("/stop", 1, PATIENCE)[0];
+    assert!(
+        stop.json().get("client_addr").is_none(),
+        "one VM for the profile"
+    );
+    assert_eq!(vm(&status_json(container), "ci")["state"], "stopped");
+}
+
 /// The start API refuses: the user reads its reason, and the journal has it in a warning.
 fn refused_login(container: &Container, host: &Host) {
     let output = run(
-        ssh(host.listen, &host.vm.client_key()).arg("true"),
+        ssh(host.lab_addr(), &host.lab.client_key()).args(["-b", REFUSED_CLIENT, "true"]),
         PATIENCE,
     );
     let seen = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(255), "{seen}");
     assert!(
-        seen.contains(&format!(
-            "Received disconnect from {} port 22",
-            host.listen.ip()
-        )) && seen.contains("VM failed to start: ")
+        seen.contains(&format!("Received disconnect from {} port 22", host.listen))
+            && seen.contains("VM failed to start: ")
             && seen.contains(REFUSAL),
         "{seen}"
     );
-    let refused = wait_for("the refused login's summary record", PATIENCE, || {
-        container
-            .journal(&[&summary_match(), "OUTCOME=api_failed"])
-            .pop()
-            .ok_or_else(|| "no such record".to_owned())
-    });
+    let refused = newest_record(container, &[&summary_match(), "OUTCOME=api_failed"]);
     assert_eq!(field(&refused, "PRIORITY"), "4");
-    assert_eq!(field(&refused, "CLIENT_ADDR"), "127.0.0.1");
+    assert_eq!(field(&refused, "CLIENT_ADDR"), REFUSED_CLIENT);
     assert!(field(&refused, "REASON").contains(REFUSAL), "{refused}");
 }
 
@@ -249,19 +427,18 @@ fn login_without_token(container: &Container, host: &Host) {
             .join("etc/credstore/ssh-on-demand.api-token"),
     )
     .unwrap();
-    let output = run(
-        ssh(host.listen, &host.vm.client_key()).arg("true"),
-        PATIENCE,
-    );
-    let seen = String::from_utf8_lossy(&output.stderr);
-    assert!(seen.contains(REFUSAL), "{seen}");
-    let requests = host.api.wait_for_requests(3, PATIENCE);
-    assert_eq!(requests[2].header("Authorization"), None);
+    let before = host.lab_api.requests_to("/start").len();
+    assert_echo(host.lab_addr(), &host.lab.client_key(), "in");
+    let requests = host
+        .lab_api
+        .wait_for_requests_to("/start", before + 1, PATIENCE);
+    assert_eq!(requests[before].header("Authorization"), None);
 }
 
-/// Every instance ends and is collected, the failed ones (exit status 1) too, and the socket listens on.
+/// Every instance ends and is collected (the last of a VM's once its idle stop is done), the failed ones
+/// (exit status 1) too, and the socket listens on.
 fn instances_are_collected(container: &Container) {
-    wait_for("the instances to be gone", PATIENCE, || {
+    wait_for("the instances to be gone", PATIENCE * 2, || {
         let units = container.run_ok(
             "systemctl",
             &[
@@ -280,16 +457,74 @@ fn instances_are_collected(container: &Container) {
     });
     let failed = container.run_ok("systemctl", &["--failed", "--plain", "--no-legend"]);
     assert!(!failed.contains("ssh-on-demand"), "{failed}");
-    let socket = container.run("systemctl", &["is-active", "ssh-on-demand.socket"]);
-    assert_eq!(String::from_utf8_lossy(&socket.stdout).trim(), "active");
+    assert!(is_active(container, "ssh-on-demand.socket"));
 }
 
-/// Writes a loud notice where `cargo test` shows it (not the captured test output) and lets the test pass:
-/// only for a machine that cannot run containers at all.
+/// systemd sees the daemon's watchdog pings: the timestamp of the last one moves.
+fn watchdog_is_pinged(container: &Container, unit: &str) {
+    let first = show(container, unit, "WatchdogTimestampMonotonic");
+    assert_ne!(first, "0", "no watchdog ping yet");
+    wait_for("a later watchdog ping", PATIENCE, || {
+        let now = show(container, unit, "WatchdogTimestampMonotonic");
+        (now != first).then_some(()).ok_or(now)
+    });
+}
+
+/// `systemctl reload`: a good file applies to new connections; a broken one is refused, logged, and the old
+/// one stays in use.
+fn reload(container: &Container, host: &Host, unit: &str) {
+    let file = container.root().join("etc/ssh-on-demand/config.toml");
+    let pid = show(container, unit, "MainPID");
+    fs::write(
+        &file,
+        config(host, "drain_timeout = \"2s\"\nboot_timeout = \"90s\"\n"),
+    )
+    .unwrap();
+    container.run_ok("systemctl", &["reload", unit]);
+    wait_for("the reload's record", PATIENCE, || {
+        journal_says(container, unit, "configuration reloaded")
+    });
+    fs::write(&file, "api_url = 5\n").unwrap();
+    container.run_ok("systemctl", &["reload", unit]);
+    let refused = wait_for("the refused reload's record", PATIENCE, || {
+        journal_says(container, unit, "configuration not reloaded")
+    });
+    assert_eq!(field(&refused, "PRIORITY"), "3");
+    assert_eq!(
+        show(container, unit, "MainPID"),
+        pid,
+        "the daemon was restarted"
+    );
+    let output = run(
+        ssh(host.lab_addr(), &host.lab.client_key()).arg("echo still"),
+        PATIENCE,
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "still\n");
+}
+
+/// `systemctl stop` with a session open: the daemon drains for drain_timeout, closes the session, and stops
+/// cleanly.
+fn drain_on_stop(container: &Container, host: &Host, unit: &str) {
+    let session = Session::open(host.lab_addr(), &host.lab.client_key(), &[]);
+    let asked = Instant::now();
+    container.run_ok("systemctl", &["stop", unit]);
+    let took = asked.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "stopped after {took:?}, before drain_timeout"
+    );
+    session.wait_closed(PATIENCE);
+    assert_eq!(show(container, unit, "ActiveState"), "inactive");
+    assert_eq!(show(container, unit, "Result"), "success");
+    journal_says(container, unit, "closing the sessions left").unwrap();
+}
+
 fn skipped(why: &str) {
+    // Where `cargo test` shows it (not the captured test output): only for a machine that cannot run
+    // containers at all.
     let _ = writeln!(
         std::io::stderr(),
-        "SKIPPED: installed_package_serves_ssh_under_real_systemd: {why}"
+        "SKIPPED: real systemd in a container: {why}"
     );
 }
 
@@ -334,13 +569,22 @@ fn check_installed_package(container: &Container) {
         .lines()
         .filter(|f| f.contains("/systemd/system/ssh-on-demand"))
         .collect();
-    assert_eq!(units.len(), 2, "{files}");
+    assert_eq!(units.len(), 6, "{files}");
 
-    // Neither enabled nor started: port 22 is usually the host's own sshd.
-    let enabled = container.run("systemctl", &["is-enabled", "ssh-on-demand.socket"]);
-    assert_eq!(String::from_utf8_lossy(&enabled.stdout).trim(), "disabled");
-    let active = container.run("systemctl", &["is-active", "ssh-on-demand.socket"]);
-    assert_eq!(String::from_utf8_lossy(&active.stdout).trim(), "inactive");
+    // Nothing enabled or started: port 22 is usually the host's own sshd.
+    for unit in [
+        "ssh-on-demand.socket",
+        "ssh-on-demand-daemon.socket",
+        "ssh-on-demand-sweep.timer",
+    ] {
+        let enabled = container.run("systemctl", &["is-enabled", unit]);
+        assert_eq!(
+            String::from_utf8_lossy(&enabled.stdout).trim(),
+            "disabled",
+            "{unit}"
+        );
+        assert!(!is_active(container, unit), "{unit}");
+    }
 
     // The conffile has every setting commented out, and says what is missing.
     let check = container.run("ssh-on-demand", &["check-config"]);
@@ -358,25 +602,26 @@ fn check_installed_package(container: &Container) {
         String::from_utf8_lossy(&said)
     );
 
-    // Exposure of the service at most 1.5 (--threshold is in tenths: it fails above 15).
-    let service = units.iter().find(|u| u.ends_with("@.service")).unwrap();
-    let security = container.run(
-        "systemd-analyze",
-        &[
-            "security",
-            "--offline=yes",
-            "--threshold=15",
-            "--no-pager",
-            service,
-        ],
-    );
-    let report = String::from_utf8_lossy(&security.stdout);
-    let overall = report
-        .lines()
-        .find(|l| l.contains("Overall exposure level"))
-        .unwrap_or_else(|| panic!("no overall exposure level in:\n{report}"));
-    eprintln!("systemd-analyze security: {overall}");
-    assert!(security.status.success(), "{report}");
+    // Exposure of every service at most 1.5 (--threshold is in tenths: it fails above 15).
+    for service in units.iter().filter(|u| u.ends_with(".service")) {
+        let security = container.run(
+            "systemd-analyze",
+            &[
+                "security",
+                "--offline=yes",
+                "--threshold=15",
+                "--no-pager",
+                service,
+            ],
+        );
+        let report = String::from_utf8_lossy(&security.stdout);
+        let overall = report
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .unwrap_or_else(|| panic!("no overall exposure level in:\n{report}"));
+        eprintln!("systemd-analyze security: {overall}");
+        assert!(security.status.success(), "{report}");
+    }
 }
 
 /// `dir/name` readable by root only, in a directory only root can enter.
@@ -406,6 +651,52 @@ fn wait_for_status(container: &Container, wanted: impl Fn(&str) -> bool) -> Stri
     })
 }
 
+/// `ssh-on-demand status --json` in the container, as the operator runs it.
+fn status_json(container: &Container) -> Value {
+    serde_json::from_str(&container.run_ok("ssh-on-demand", &["status", "--json"])).unwrap()
+}
+
+/// The VM `key` in a `status --json` document (`Null` if it has none).
+fn vm<'a>(status: &'a Value, key: &str) -> &'a Value {
+    status["vms"]
+        .as_array()
+        .and_then(|vms| vms.iter().find(|vm| vm["key"] == key))
+        .unwrap_or(&Value::Null)
+}
+
+/// A property of `unit` (`systemctl show -p NAME --value`).
+fn show(container: &Container, unit: &str, property: &str) -> String {
+    container
+        .run_ok("systemctl", &["show", "-p", property, "--value", unit])
+        .trim()
+        .to_owned()
+}
+
+fn is_active(container: &Container, unit: &str) -> bool {
+    let output = container.run("systemctl", &["is-active", unit]);
+    String::from_utf8_lossy(&output.stdout).trim() == "active"
+}
+
+/// Waits for a journal record that `matches` select, and returns the newest.
+fn newest_record(container: &Container, matches: &[&str]) -> Value {
+    wait_for(&format!("a journal record {matches:?}"), PATIENCE, || {
+        container
+            .journal(matches)
+            .pop()
+            .ok_or_else(|| "no such record".to_owned())
+    })
+}
+
+/// The newest record of `unit` whose message contains `text`.
+fn journal_says(container: &Container, unit: &str, text: &str) -> Result<Value, String> {
+    container
+        .journal(&[&format!("_SYSTEMD_UNIT={unit}")])
+        .into_iter()
+        .rev()
+        .find(|record| record["MESSAGE"].as_str().is_some_and(|m| m.contains(text)))
+        .ok_or_else(|| format!("no record of {unit} says {text:?}"))
+}
+
 fn summary_match() -> String {
     format!("MESSAGE_ID={SUMMARY_MESSAGE_ID}")
 }
@@ -431,23 +722,27 @@ fn example_config_documents_every_setting() {
     let shipped: Settings = toml::from_str(text).unwrap();
     assert!(shipped.api_url.is_none(), "the conffile must set nothing");
 
-    // Prose comments start with "# ", commented-out settings with "#" and the key.
+    // Prose comments start with "# ", commented-out settings with "#" and the key (or a table header).
     let uncommented: String = text
         .lines()
         .filter_map(|line| line.strip_prefix('#'))
-        .filter(|line| line.starts_with(|c: char| c.is_ascii_lowercase()))
+        .filter(|line| line.starts_with(|c: char| c.is_ascii_lowercase() || c == '['))
         .map(|line| format!("{line}\n"))
         .collect();
-    toml::from_str::<Settings>(&uncommented)
+    let example: Settings = toml::from_str(&uncommented)
         .unwrap_or_else(|e| panic!("the uncommented example is not valid: {e}\n{uncommented}"));
+    assert!(!example.profiles.is_empty(), "the example shows a profile");
     let keys: BTreeSet<String> = uncommented
         .lines()
+        .filter(|line| !line.starts_with('['))
         .map(|line| line.split('=').next().unwrap().trim().to_owned())
         .collect();
-    // The TOML keys are the names of the settings' fields, which clap uses as argument ids.
-    let settings: BTreeSet<String> = Settings::augment_args(clap::Command::new("settings"))
+    // The TOML keys are the names of the settings' fields, which clap uses as argument ids; `ports` is a
+    // profile's only.
+    let mut settings: BTreeSet<String> = Settings::augment_args(clap::Command::new("settings"))
         .get_arguments()
         .map(|arg| arg.get_id().to_string())
         .collect();
+    settings.insert("ports".to_owned());
     assert_eq!(keys, settings);
 }

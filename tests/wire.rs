@@ -15,7 +15,7 @@ use common::{
     ssh::assert_echo,
     vm::Vm,
 };
-use ssh_on_demand::disconnect::{self, binary_packet, put_string};
+use ssh_on_demand::wire::{self as disconnect, binary_packet, put_string};
 
 const CLIENT_IDENTIFICATION: &[u8] = b"SSH-2.0-wire_test\r\n";
 const SSH_MSG_KEXINIT: u8 = 20;

@@ -11,6 +11,8 @@ use tiny_http::{Header, Response, Server};
 /// One request as the API received it.
 #[derive(Debug, Clone)]
 pub struct Request {
+    /// When it arrived (before the handler ran).
+    pub at: Instant,
     pub method: String,
     pub url: String,
     pub headers: Vec<(String, String)>,
@@ -85,6 +87,7 @@ impl StartApi {
                     let mut body = String::new();
                     let _ = incoming.as_reader().read_to_string(&mut body);
                     let request = Request {
+                        at: Instant::now(),
                         method: incoming.method().to_string(),
                         url: incoming.url().to_owned(),
                         headers: incoming
@@ -148,12 +151,57 @@ impl StartApi {
         StartApi::serve(move |_| Answer::json(serde_json::json!({ "vm_ip": ip })))
     }
 
+    /// Answers `/start` with `vm`'s address, booting it after `boot_time`, and `/stop` by stopping it: a
+    /// hypervisor in a few lines.
+    pub fn lab(vm: &super::vm::Vm, boot_time: Duration) -> StartApi {
+        let vm = vm.clone();
+        StartApi::serve(move |request| {
+            if request.url == "/stop" {
+                vm.stop();
+                return Answer::text("stopped");
+            }
+            vm.boot_after(boot_time);
+            Answer::json(
+                serde_json::json!({ "vm_ip": vm.ip().to_string(), "port": vm.addr().port() }),
+            )
+        })
+    }
+
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/start", self.port)
     }
 
+    pub fn stop_url(&self) -> String {
+        format!("http://127.0.0.1:{}/stop", self.port)
+    }
+
     pub fn requests(&self) -> Vec<Request> {
         self.seen.0.lock().unwrap().clone()
+    }
+
+    /// The requests to `path` (`/start`, `/stop`) so far.
+    pub fn requests_to(&self, path: &str) -> Vec<Request> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.url == path)
+            .collect()
+    }
+
+    /// Waits until `n` requests to `path` have arrived; panics after `limit`.
+    pub fn wait_for_requests_to(&self, path: &str, n: usize, limit: Duration) -> Vec<Request> {
+        let deadline = Instant::now() + limit;
+        let (requests, changed) = &*self.seen;
+        let mut guard = requests.lock().unwrap();
+        loop {
+            let matching: Vec<Request> = guard.iter().filter(|r| r.url == path).cloned().collect();
+            if matching.len() >= n {
+                return matching;
+            }
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| panic!("{} requests to {path}, expected {n}", matching.len()));
+            guard = changed.wait_timeout(guard, left).unwrap().0;
+        }
     }
 
     /// Waits until `n` requests have arrived; panics after `limit`.

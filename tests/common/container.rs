@@ -19,10 +19,10 @@ use super::{PATIENCE, log::Log};
 
 /// Name of the cached rootfs; bump the number whenever `debootstrap`'s arguments below change, so that an old
 /// cache is not taken for the new recipe.
-const ROOTFS: &str = "bookworm-1";
+const ROOTFS: &str = "bookworm-2";
 /// systemd, and dbus for `systemctl` and `systemd-analyze security`; man-db so that `systemd-analyze verify`
-/// checks that the unit's `Documentation=man:ssh-on-demand(8)` resolves.
-const PACKAGES: &str = "systemd,systemd-sysv,dbus,man-db";
+/// checks that the unit's `Documentation=man:ssh-on-demand(8)` resolves; procps, which the package depends on.
+const PACKAGES: &str = "systemd,systemd-sysv,dbus,man-db,procps";
 const MIRROR: &str = "http://deb.debian.org/debian";
 /// The PATH of commands run in the container; ours would be the host's.
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

@@ -4,14 +4,43 @@
 #![allow(dead_code)]
 
 pub mod api;
+pub mod companion;
 pub mod container;
 pub mod log;
+pub mod netns;
 pub mod proxy;
 pub mod ssh;
 pub mod tls;
 pub mod vm;
 
 use std::time::Duration;
+
+/// A test of what users see, in both modes: `both_modes! { fn name(mode) { … } }` defines the tests
+/// `name::activated` and `name::daemon`, which run the body with `mode` set to each.
+#[allow(unused_macros)]
+macro_rules! both_modes {
+    ($(#[$attr:meta])* fn $name:ident($mode:ident) $body:block $($rest:tt)*) => {
+        $(#[$attr])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn case($mode: $crate::common::proxy::Mode) $body
+
+            #[test]
+            fn activated() {
+                case($crate::common::proxy::Mode::Activated)
+            }
+
+            #[test]
+            fn daemon() {
+                case($crate::common::proxy::Mode::Daemon)
+            }
+        }
+        both_modes! { $($rest)* }
+    };
+    () => {};
+}
 
 /// Upper bound for anything a test waits on that should take milliseconds; reaching it is a failure, so it
 /// only has to be generous, never precise.

@@ -1,22 +1,36 @@
-//! ssh-on-demand, launched per connection by `systemd-socket-activate` exactly as systemd does with
-//! `Accept=yes`: the connection on fd 0 and 1 (`--inetd`, like `StandardInput=socket`), or as fd 3 with
-//! `LISTEN_FDS=1`.
+//! ssh-on-demand as systemd runs it, in either mode: per connection under `systemd-socket-activate --accept`
+//! exactly as with `Accept=yes` (the connection on fd 0 and 1 like `StandardInput=socket`, or as fd 3 with
+//! `LISTEN_FDS=1`), or as one daemon that inherits its listening sockets through `LISTEN_FDS` (`Accept=no`).
 
 use std::{
     net::{SocketAddr, TcpListener},
-    os::fd::OwnedFd,
+    os::{fd::OwnedFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
 use command_fds::{CommandFdExt, FdMapping};
+use rustix::process::{Pid, Signal};
 use socket2::{Domain, Socket, Type};
+use ssh_on_demand::report::SUMMARY_MESSAGE_ID;
+use tempfile::TempDir;
 
 use super::{PATIENCE, log::Log};
 
 pub const BINARY: &str = env!("CARGO_BIN_EXE_ssh-on-demand");
+const LOOPBACK_VMS: &str = "--vm-network=127.0.0.0/8";
 
-/// How the connection is handed over.
+/// The two ways to run ssh-on-demand; the tests that users see the same in both run in both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// One process per connection (`Accept=yes`).
+    Activated,
+    /// One process for all connections (`Accept=no`).
+    Daemon,
+}
+
+/// How the connection is handed over in the per-connection mode.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Handover {
     /// fd 0 and fd 1, stderr inherited (our pipe).
@@ -28,11 +42,14 @@ pub enum Handover {
 }
 
 pub struct ProxyBuilder {
+    mode: Mode,
     dual_stack: bool,
     config: String,
     args: Vec<String>,
     env: Vec<(String, String)>,
     handover: Handover,
+    state_dir: Option<PathBuf>,
+    extra: Vec<(TcpListener, Option<String>)>,
 }
 
 impl ProxyBuilder {
@@ -71,9 +88,33 @@ impl ProxyBuilder {
         self
     }
 
+    /// No `--api-url` on the command line, where it would win over the configuration file's.
+    pub fn without_api_url(mut self) -> Self {
+        self.args.drain(..2);
+        self
+    }
+
+    /// The default `vm_networks`, which refuses loopback VMs.
+    pub fn default_vm_networks(mut self) -> Self {
+        self.args.retain(|arg| arg != LOOPBACK_VMS);
+        self
+    }
+
+    /// Shares the VMs' state with other proxies given the same directory (it must outlive them).
+    pub fn state_dir(mut self, dir: &Path) -> Self {
+        self.state_dir = Some(dir.to_owned());
+        self
+    }
+
+    /// One more listening socket, for a profile's port; in the daemon named `name` (`FileDescriptorName=`).
+    pub fn listener(mut self, listener: TcpListener, name: Option<&str>) -> Self {
+        self.extra.push((listener, name.map(str::to_owned)));
+        self
+    }
+
     pub fn start(self) -> Proxy {
-        // Bound here on port 0 and inherited by systemd-socket-activate through LISTEN_FDS, so no fixed
-        // port and no wait for the proxy to listen.
+        // Bound here on port 0 and inherited through LISTEN_FDS, so no fixed port and no wait for the proxy
+        // to listen: connections wait in the backlog until it accepts.
         let listener = if self.dual_stack {
             let socket = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
             socket.set_only_v6(false).unwrap();
@@ -86,36 +127,69 @@ impl ProxyBuilder {
             TcpListener::bind("127.0.0.1:0").unwrap()
         };
         let addr = SocketAddr::new([127, 0, 0, 1].into(), listener.local_addr().unwrap().port());
+        let (state, state_dir) = match self.state_dir {
+            Some(dir) => (None, dir),
+            None => {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().to_owned();
+                (Some(dir), path)
+            }
+        };
+        let listeners: Vec<(TcpListener, Option<String>)> =
+            [(listener, None)].into_iter().chain(self.extra).collect();
+        let names: Vec<String> = listeners
+            .iter()
+            .map(|(_, name)| name.clone().unwrap_or_else(|| "default".to_owned()))
+            .collect();
+
         let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg(r#"LISTEN_PID=$$ LISTEN_FDS=1 exec systemd-socket-activate "$@""#)
-            .arg("sh");
-        match self.handover {
-            Handover::Inetd | Handover::InetdWithStderrOnSocket => {
-                command.args(["--accept", "--inetd"]);
+        command.arg("-c").arg(format!(
+            r#"LISTEN_PID=$$ LISTEN_FDS={} LISTEN_FDNAMES={} exec "$@""#,
+            listeners.len(),
+            names.join(":")
+        ));
+        command.arg("sh");
+        match self.mode {
+            Mode::Activated => {
+                command.arg("systemd-socket-activate");
+                match self.handover {
+                    Handover::Inetd | Handover::InetdWithStderrOnSocket => {
+                        command.args(["--accept", "--inetd"]);
+                    }
+                    Handover::ListenFds => {
+                        command.arg("--accept");
+                    }
+                }
+                for (name, value) in &self.env {
+                    command.arg(format!("-E{name}={value}"));
+                }
+                command.arg("--");
+                if self.handover == Handover::InetdWithStderrOnSocket {
+                    command.args(["sh", "-c", r#"exec "$0" "$@" 2>&1"#]);
+                }
+                command.arg(BINARY);
             }
-            Handover::ListenFds => {
-                command.arg("--accept");
+            Mode::Daemon => {
+                command.arg(BINARY).arg("daemon");
+                command.envs(self.env.iter().map(|(n, v)| (n.as_str(), v.as_str())));
             }
         }
-        for (name, value) in &self.env {
-            command.arg(format!("-E{name}={value}"));
-        }
-        command.arg("--");
-        if self.handover == Handover::InetdWithStderrOnSocket {
-            command.args(["sh", "-c", r#"exec "$0" "$@" 2>&1"#]);
-        }
         command
-            .arg(BINARY)
             .arg(format!("--config={}", self.config))
+            .arg(format!("--state-dir={}", state_dir.display()))
             .args(&self.args);
-        command
-            .fd_mappings(vec![FdMapping {
+        let mappings = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(i, (listener, _))| FdMapping {
                 parent_fd: OwnedFd::from(listener),
-                child_fd: 3,
-            }])
-            .unwrap();
+                child_fd: 3 + i as i32,
+            })
+            .collect();
+        command.fd_mappings(mappings).unwrap();
+        // Its own process group, so that dropping the proxy ends every process it started (instances waiting
+        // out an idle timeout included) and nothing else.
+        command.process_group(0);
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -123,32 +197,61 @@ impl ProxyBuilder {
             .spawn()
             .expect("starting systemd-socket-activate (apt-get install systemd)");
         let log = Log::collect(child.stderr.take().unwrap(), "proxy");
-        Proxy { addr, child, log }
+        Proxy {
+            addr,
+            args: self.args,
+            mode: self.mode,
+            child,
+            log,
+            state_dir,
+            _state: state,
+        }
     }
 }
 
 /// The listening socket, and what the instances log on stderr.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The settings it was given on its command line.
+    pub args: Vec<String>,
+    pub mode: Mode,
     child: Child,
     pub log: Log,
+    pub state_dir: PathBuf,
+    _state: Option<TempDir>,
 }
 
 impl Proxy {
-    /// Instances of ssh-on-demand use the start API at `api_url`, log at debug level to stderr, and run
-    /// with a boot deadline long enough for any test machine.
+    /// Per connection, using the start API at `api_url`, logging at debug level to stderr, with a boot
+    /// deadline long enough for any test machine.
     pub fn builder(api_url: &str) -> ProxyBuilder {
         ProxyBuilder {
+            mode: Mode::Activated,
             dual_stack: false,
             config: "/dev/null".into(),
-            args: vec!["--api-url".into(), api_url.into()],
+            // The VMs are 127.x.y.z addresses, which ssh-on-demand only connects to when told to.
+            args: vec!["--api-url".into(), api_url.into(), LOOPBACK_VMS.into()],
             env: vec![("SSH_ON_DEMAND_LOG_LEVEL".into(), "debug".into())],
             handover: Handover::Inetd,
+            state_dir: None,
+            extra: Vec::new(),
+        }
+    }
+
+    /// The same in `mode`.
+    pub fn builder_in(mode: Mode, api_url: &str) -> ProxyBuilder {
+        ProxyBuilder {
+            mode,
+            ..Proxy::builder(api_url)
         }
     }
 
     pub fn start(api_url: &str) -> Proxy {
         Proxy::builder(api_url).start()
+    }
+
+    pub fn start_in(mode: Mode, api_url: &str) -> Proxy {
+        Proxy::builder_in(mode, api_url).start()
     }
 
     /// The summary records written so far (one per finished connection).
@@ -162,16 +265,49 @@ impl Proxy {
             .wait_until(PATIENCE, |lines| summaries(lines).get(n - 1).cloned())
     }
 
-    /// Waits until systemd-socket-activate reports that an instance exited; `limit` is part of the test.
-    pub fn wait_for_instance_exit(&self, limit: Duration) -> Option<String> {
+    /// Waits up to `limit` for the `n`th summary record; `limit` is part of the test.
+    pub fn try_wait_for_summary(&self, n: usize, limit: Duration) -> Option<String> {
         self.log
-            .try_wait_for(limit, |l| l.contains(" died with code "))
+            .try_wait_until(limit, |lines| summaries(lines).get(n - 1).cloned())
     }
+
+    /// `ssh-on-demand status --json` of this proxy's state directory.
+    pub fn status(&self) -> serde_json::Value {
+        status(&self.state_dir)
+    }
+
+    /// Sends `signal` to the daemon (or to systemd-socket-activate).
+    pub fn signal(&self, signal: Signal) {
+        rustix::process::kill_process(Pid::from_child(&self.child), signal).unwrap();
+    }
+
+    /// Waits up to `limit` for the daemon to exit; `limit` is part of the test.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        use wait_timeout::ChildExt;
+        self.child.wait_timeout(limit).unwrap()
+    }
+}
+
+/// `ssh-on-demand status --json` of `state_dir`, as an operator would run it.
+pub fn status(state_dir: &Path) -> serde_json::Value {
+    let output = Command::new(BINARY)
+        .args(["status", "--json", "--config=/dev/null"])
+        .arg(format!("--state-dir={}", state_dir.display()))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        let group = Pid::from_child(&self.child);
+        let _ = rustix::process::kill_process_group(group, Signal::KILL);
         let _ = self.child.wait();
     }
 }
@@ -179,7 +315,7 @@ impl Drop for Proxy {
 fn summaries(lines: &[String]) -> Vec<String> {
     lines
         .iter()
-        .filter(|l| l.contains("message_id="))
+        .filter(|l| l.contains(&format!("message_id=\"{SUMMARY_MESSAGE_ID}\"")))
         .cloned()
         .collect()
 }

@@ -25,7 +25,11 @@ const OPTIONS: [&str; 8] = [
 
 /// `ssh -p PORT root@127.0.0.1` through the proxy at `proxy`, logging in with `key`. Append the command.
 pub fn ssh(proxy: SocketAddr, key: &Path) -> Command {
-    let mut command = Command::new("ssh");
+    ssh_with(Command::new("ssh"), proxy, key)
+}
+
+/// `ssh` (the program, or it run in a namespace) with the same options and arguments as [`ssh`].
+pub fn ssh_with(mut command: Command, proxy: SocketAddr, key: &Path) -> Command {
     command
         .args(OPTIONS)
         .arg("-i")
@@ -57,6 +61,49 @@ pub fn assert_echo(proxy: SocketAddr, key: &Path, word: &str) {
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&output.stdout), format!("{word}\n"));
+}
+
+/// An ssh session through a proxy that stays open until closed: its shell says "ready", then waits for its
+/// stdin to close.
+pub struct Session {
+    child: std::process::Child,
+}
+
+impl Session {
+    /// Logs in through `proxy` with `key` (and `args`, such as `-b 127.0.0.2`) and waits until the shell runs.
+    pub fn open(proxy: SocketAddr, key: &Path, args: &[&str]) -> Session {
+        let mut child = ssh(proxy, key)
+            .args(args)
+            .arg("echo ready; exec cat >/dev/null")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = super::log::Log::collect(child.stdout.take().unwrap(), "session");
+        let _ = super::log::Log::collect(child.stderr.take().unwrap(), "session stderr");
+        out.wait_for(super::PATIENCE, |l| l == "ready");
+        Session { child }
+    }
+
+    /// Logs out, and returns when ssh has exited the moment the logout began: the session ended after it.
+    pub fn close(mut self) -> std::time::Instant {
+        let began = std::time::Instant::now();
+        drop(self.child.stdin.take());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "ssh: {status}");
+        began
+    }
+
+    /// Waits, up to `limit`, for ssh to end by the other side's doing (its proxy killed or stopped).
+    pub fn wait_closed(mut self, limit: Duration) {
+        drop(self.child.stdin.take());
+        let status = self.child.wait_timeout(limit).unwrap();
+        assert!(
+            status.is_some(),
+            "the session is still open after {limit:?}"
+        );
+    }
 }
 
 /// Runs `command` to completion with stdin closed; kills it and panics if it takes longer than `limit`.

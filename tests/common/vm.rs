@@ -40,8 +40,6 @@ impl Vm {
     }
 
     pub fn with_port(port: u16) -> Vm {
-        super::require_root();
-        let dir = tempfile::tempdir().unwrap();
         // Each VM gets its own address, so tests running in parallel never share a port.
         let ip = Ipv4Addr::new(
             127,
@@ -49,33 +47,25 @@ impl Vm {
             fastrand::u8(1..255),
             fastrand::u8(1..255),
         );
-        keygen(&dir.path().join("host_key"));
-        keygen(&dir.path().join("client_key"));
-        fs::copy(
-            dir.path().join("client_key.pub"),
-            dir.path().join("authorized_keys"),
-        )
-        .unwrap();
-        let d = dir.path().display();
-        fs::write(
-            dir.path().join("sshd_config"),
-            format!(
-                "ListenAddress {ip}:{port}\n\
-                 HostKey {d}/host_key\n\
-                 PidFile none\n\
-                 AuthorizedKeysFile {d}/authorized_keys\n\
-                 StrictModes no\n\
-                 PermitRootLogin prohibit-password\n\
-                 PasswordAuthentication no\n\
-                 KbdInteractiveAuthentication no\n\
-                 UsePAM no\n\
-                 MaxStartups 200:30:400\n\
-                 AllowTcpForwarding yes\n\
-                 Subsystem sftp /usr/lib/openssh/sftp-server\n\
-                 LogLevel VERBOSE\n"
-            ),
-        )
-        .unwrap();
+        Vm::at_port(ip, port)
+    }
+
+    /// An sshd on port 22 of `ip`, a loopback address the platform chose (e.g. a DHCP lease), configured but
+    /// not started.
+    pub fn at(ip: Ipv4Addr) -> Vm {
+        Vm::at_port(ip, 22)
+    }
+
+    fn at_port(ip: Ipv4Addr, port: u16) -> Vm {
+        assert!(
+            ip.is_loopback(),
+            "{ip}: the VM's sshd listens on loopback only"
+        );
+        super::require_root();
+        let dir = sshd_dir(
+            (ip, port).into(),
+            "AllowTcpForwarding yes\nSubsystem sftp /usr/lib/openssh/sftp-server\n",
+        );
         Vm {
             inner: Arc::new(Inner {
                 ip,
@@ -110,21 +100,7 @@ impl Vm {
         if state.sshd.is_some() {
             return;
         }
-        // sshd refuses to start without its privilege separation directory, which a fresh machine lacks.
-        fs::create_dir_all("/run/sshd").unwrap();
-        let mut child = Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(self.dir().join("sshd_config"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting /usr/sbin/sshd (apt-get install openssh-server)");
-        let log = Log::collect(child.stderr.take().unwrap(), "sshd");
-        let line = log.wait_for(PATIENCE, |l| {
-            l.contains("Server listening on") || l.contains("Cannot bind") || l.contains("fatal")
-        });
-        assert!(line.contains("Server listening on"), "sshd failed: {line}");
+        let (child, log) = spawn_sshd(Command::new("/usr/sbin/sshd"), self.dir(), "sshd");
         state.sshd = Some((child, log));
     }
 
@@ -143,6 +119,21 @@ impl Vm {
             thread::sleep(delay); // the VM's boot time, not a synchronisation
             vm.start();
         });
+    }
+
+    /// Stops sshd, as a VM's shutdown would; a later start or boot brings it back.
+    pub fn stop(&self) {
+        let mut state = self.inner.state.lock().unwrap();
+        state.booting = false;
+        if let Some((mut child, _)) = state.sshd.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// sshd runs.
+    pub fn is_up(&self) -> bool {
+        self.inner.state.lock().unwrap().sshd.is_some()
     }
 
     /// Connections sshd has accepted so far (from its VERBOSE log).
@@ -169,6 +160,58 @@ impl Drop for Inner {
             let _ = child.wait();
         }
     }
+}
+
+/// A directory holding host and client keys, `authorized_keys` for the client key, and an `sshd_config` for
+/// root logins on `listen`, with `first` lines before the rest (sshd takes the first value of each keyword).
+pub fn sshd_dir(listen: SocketAddr, first: &str) -> TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    keygen(&dir.path().join("host_key"));
+    keygen(&dir.path().join("client_key"));
+    fs::copy(
+        dir.path().join("client_key.pub"),
+        dir.path().join("authorized_keys"),
+    )
+    .unwrap();
+    let d = dir.path().display();
+    fs::write(
+        dir.path().join("sshd_config"),
+        format!(
+            "{first}ListenAddress {listen}\n\
+             HostKey {d}/host_key\n\
+             PidFile none\n\
+             AuthorizedKeysFile {d}/authorized_keys\n\
+             StrictModes no\n\
+             PermitRootLogin prohibit-password\n\
+             PasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\n\
+             UsePAM no\n\
+             MaxStartups 200:30:400\n\
+             LogLevel VERBOSE\n"
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+/// Runs `sshd` (the program, or it run in a namespace) with `dir`'s sshd_config, and returns once it listens.
+pub fn spawn_sshd(mut sshd: Command, dir: &Path, name: &'static str) -> (Child, Log) {
+    // sshd refuses to start without its privilege separation directory, which a fresh machine lacks.
+    fs::create_dir_all("/run/sshd").unwrap();
+    let mut child = sshd
+        .args(["-D", "-e", "-f"])
+        .arg(dir.join("sshd_config"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting /usr/sbin/sshd (apt-get install openssh-server)");
+    let log = Log::collect(child.stderr.take().unwrap(), name);
+    let line = log.wait_for(PATIENCE, |l| {
+        l.contains("Server listening on") || l.contains("Cannot bind") || l.contains("fatal")
+    });
+    assert!(line.contains("Server listening on"), "sshd failed: {line}");
+    (child, log)
 }
 
 fn keygen(path: &Path) {

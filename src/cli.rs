@@ -1,0 +1,377 @@
+//! The command line: subcommands, and the settings that flags, `SSH_ON_DEMAND_*` variables and the TOML file
+//! can all give. The same structs are the TOML schema, so a file key is always a long flag's name with `_`.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use tracing::level_filters::LevelFilter;
+
+use crate::logging::LogTarget;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "ssh-on-demand",
+    version,
+    about = "Boots a VM when someone connects with plain ssh, then relays the connection",
+    long_about = "Boots a VM when someone connects with plain ssh, then relays the connection.\n\n\
+        Without a subcommand it serves one client connection handed over by systemd: a socket unit \
+        with Accept=yes starts one instance per connection, with the client's TCP socket on standard \
+        input (StandardInput=socket) or as fd 3 (LISTEN_FDS). It asks the start API to start the VM, \
+        waits until the VM's sshd sends its SSH identification line, and relays bytes both ways. If the \
+        VM cannot be started, the ssh client is told why. With `daemon`, one process serves every \
+        connection of listening sockets from systemd (Accept=no) or --listen.\n\n\
+        Settings come from flags, then SSH_ON_DEMAND_* environment variables, then the TOML file, \
+        then built-in defaults.",
+    after_help = "See README.md for the start and stop API contracts and the systemd units."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// TOML configuration file (keys as the long flags, with _ for -) [default: /etc/ssh-on-demand/config.toml, if it exists]
+    #[arg(
+        long,
+        short = 'c',
+        env = "SSH_ON_DEMAND_CONFIG",
+        value_name = "FILE",
+        global = true
+    )]
+    pub config: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub settings: Settings,
+
+    /// Where log records go; auto: the journal under systemd, else stderr, and never the client's socket
+    #[arg(long, env = "SSH_ON_DEMAND_LOG_TARGET", value_enum, default_value_t = LogTarget::Auto, global = true)]
+    pub log_target: LogTarget,
+
+    /// Most detailed level logged: error, warn, info, debug or trace
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_LOG_LEVEL",
+        default_value = "info",
+        value_name = "LEVEL",
+        global = true
+    )]
+    pub log_level: LevelFilter,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Serve every connection of the listening sockets from systemd (Accept=no) or --listen, in one process
+    Daemon {
+        /// Listen on ADDR, for the profile NAME if given (repeat for more); without it, the sockets systemd passes
+        #[arg(long, value_name = "ADDR[=PROFILE]", value_parser = parse_listen)]
+        listen: Vec<(SocketAddr, Option<String>)>,
+    },
+    /// Show each VM this host knows: its state, its sessions, the last start and stop
+    Status {
+        /// One JSON document, for scripts
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop VMs left idle by a process that died (the units run it every minute); changes nothing else
+    Sweep,
+    /// Validate the configuration and print the effective settings, secrets masked; exit 1 on any error
+    CheckConfig,
+}
+
+fn parse_listen(text: &str) -> Result<(SocketAddr, Option<String>), String> {
+    let (addr, profile) = match text.split_once('=') {
+        Some((addr, profile)) => (addr, Some(profile.to_owned())),
+        None => (text, None),
+    };
+    let addr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an address such as 0.0.0.0:22 or [::]:22"))?;
+    Ok((addr, profile))
+}
+
+/// Which connections share one VM, and so one start and one idle clock.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmScope {
+    /// Connections from one client address (and profile): safe for start APIs that pick a VM per client.
+    #[default]
+    Client,
+    /// Every connection of the profile: the start API always answers with the same VM.
+    Profile,
+}
+
+impl VmScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmScope::Client => "client",
+            VmScope::Profile => "profile",
+        }
+    }
+}
+
+/// What to do with a client that sends nothing: `ssh-keyscan` (Ansible, CI) waits for the server to speak
+/// first, and so do port scanners.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SilentClients {
+    /// Relay it to its VM if that runs; never start a VM for it.
+    #[default]
+    IfRunning,
+    /// Start its VM as for any client: for CI that runs ssh-keyscan against cold VMs.
+    Start,
+    /// Close the connection.
+    Close,
+}
+
+impl SilentClients {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SilentClients::IfRunning => "if-running",
+            SilentClients::Start => "start",
+            SilentClients::Close => "close",
+        }
+    }
+}
+
+/// Every setting. Every field is optional here: [`crate::config::Config::resolve`] layers flags over
+/// environment over file, a profile's table over the file's top level, and applies the defaults. The same
+/// struct is the schema of the file's top level and of each `[profiles.NAME]` table, which may not set the
+/// host's settings (those marked "Host" or "Daemon").
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// URL of the start API, which gets one POST per connection (required)
+    #[arg(long, env = "SSH_ON_DEMAND_API_URL", value_name = "URL", global = true)]
+    pub api_url: Option<String>,
+
+    /// File holding the API's bearer token [default: the systemd credential api_token_credential, if any]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_API_TOKEN_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub api_token_file: Option<PathBuf>,
+
+    /// Name of the systemd credential holding the API's bearer token, used when api_token_file is not set [default: api-token]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_API_TOKEN_CREDENTIAL",
+        value_name = "NAME",
+        global = true
+    )]
+    pub api_token_credential: Option<String>,
+
+    /// PEM file of extra CA certificates trusted for an https start or stop API, besides the system's
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_API_CA_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub api_ca_file: Option<PathBuf>,
+
+    /// Extra header for the start and stop API, as "Name: value"; repeat for more (TOML: api_headers = [...])
+    #[arg(long = "api-header", value_name = "NAME: VALUE", global = true)]
+    #[serde(default)]
+    pub api_headers: Vec<String>,
+
+    /// Time one request to the start or stop API may take [default: 10s]
+    #[arg(long, env = "SSH_ON_DEMAND_API_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION", global = true)]
+    #[serde(default, with = "humantime_serde")]
+    pub api_timeout: Option<Duration>,
+
+    /// Name of the profile used for connections that no [profiles.NAME] table takes, passed on to the APIs
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_PROFILE",
+        value_name = "NAME",
+        global = true
+    )]
+    pub profile: Option<String>,
+
+    /// URL of the stop API, which gets one POST when a VM has been idle for idle_timeout [default: VMs are never stopped]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_STOP_URL",
+        value_name = "URL",
+        global = true
+    )]
+    pub stop_url: Option<String>,
+
+    /// Time from a VM's last disconnect to its stop [default: 15m]
+    #[arg(long, env = "SSH_ON_DEMAND_IDLE_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION", global = true)]
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+
+    /// Time a stop may take, retries included; logins to the VM wait for it at most this long [default: 60s]
+    #[arg(long, env = "SSH_ON_DEMAND_STOP_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION", global = true)]
+    #[serde(default, with = "humantime_serde")]
+    pub stop_timeout: Option<Duration>,
+
+    /// Which connections share a VM: those from one client address ("client"), or all of the profile ("profile") [default: client]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_VM_SCOPE",
+        value_enum,
+        value_name = "SCOPE",
+        global = true
+    )]
+    pub vm_scope: Option<VmScope>,
+
+    /// Port of the VM's sshd when the start API names none [default: 22]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_VM_PORT",
+        value_name = "PORT",
+        global = true
+    )]
+    pub vm_port: Option<u16>,
+
+    /// Deadline for the start API and the VM's sshd together, per connection [default: 120s]
+    #[arg(long, env = "SSH_ON_DEMAND_BOOT_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION", global = true)]
+    #[serde(default, with = "humantime_serde")]
+    pub boot_timeout: Option<Duration>,
+
+    /// Time one TCP connect attempt to the VM may take [default: 1s]
+    #[arg(long, env = "SSH_ON_DEMAND_VM_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION", global = true)]
+    #[serde(default, with = "humantime_serde")]
+    pub vm_connect_timeout: Option<Duration>,
+
+    /// Time the VM may take to send its SSH identification once connected, per attempt [default: 5s]
+    #[arg(long, env = "SSH_ON_DEMAND_VM_BANNER_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION", global = true)]
+    #[serde(default, with = "humantime_serde")]
+    pub vm_banner_timeout: Option<Duration>,
+
+    /// Time the client may take to send its SSH identification; nothing is started before it [default: 3s]
+    #[arg(long, env = "SSH_ON_DEMAND_CLIENT_BANNER_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION", global = true)]
+    #[serde(default, with = "humantime_serde")]
+    pub client_banner_timeout: Option<Duration>,
+
+    /// A client that sends nothing for client_banner_timeout (ssh-keyscan, scanners): "if-running" relays it to its VM if that runs, "start" starts the VM for it, "close" closes [default: if-running]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_SILENT_CLIENTS",
+        value_enum,
+        value_name = "WHAT",
+        global = true
+    )]
+    pub silent_clients: Option<SilentClients>,
+
+    /// A network the start API's answers may point into, as a CIDR; repeat for more (TOML: vm_networks = [...]) [default: any but loopback, link-local and this host's own addresses]
+    #[arg(long = "vm-network", value_name = "CIDR", global = true)]
+    #[serde(default)]
+    pub vm_networks: Vec<String>,
+
+    /// Host: directory of the state that connections share: VMs, their sessions and idle clocks [default: /run/ssh-on-demand]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_STATE_DIR",
+        value_name = "DIR",
+        global = true
+    )]
+    pub state_dir: Option<PathBuf>,
+
+    /// Daemon: most sessions at once; more are told so and closed [default: 1024]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_MAX_SESSIONS",
+        value_name = "N",
+        global = true
+    )]
+    pub max_sessions: Option<usize>,
+
+    /// Daemon: most sessions at once from one client address [default: 64]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_MAX_SESSIONS_PER_SOURCE",
+        value_name = "N",
+        global = true
+    )]
+    pub max_sessions_per_source: Option<usize>,
+
+    /// Daemon: most connections of one VM waiting for it to start at once [default: 128]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_MAX_PENDING_PER_VM",
+        value_name = "N",
+        global = true
+    )]
+    pub max_pending_per_vm: Option<usize>,
+
+    /// Daemon: on SIGTERM, time live sessions get to finish before they are closed [default: 30s]
+    #[arg(long, env = "SSH_ON_DEMAND_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION", global = true)]
+    #[serde(default, with = "humantime_serde")]
+    pub drain_timeout: Option<Duration>,
+
+    /// Daemon: serve Prometheus metrics over HTTP at ADDR (host:port, or a path for a unix socket) [default: none]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_METRICS_LISTEN",
+        value_name = "ADDR",
+        global = true
+    )]
+    pub metrics_listen: Option<String>,
+
+    /// Profile only: the local ports whose connections this profile takes
+    #[arg(skip)]
+    #[serde(default)]
+    pub ports: Vec<u16>,
+
+    /// File only: named profiles, `[profiles.NAME]`, each a table of these settings
+    #[arg(skip)]
+    #[serde(default)]
+    pub profiles: BTreeMap<String, Settings>,
+}
+
+impl Settings {
+    /// Each setting from `self` where given, else from `lower`.
+    pub fn or(self, lower: &Settings) -> Settings {
+        let lower = lower.clone();
+        Settings {
+            api_url: self.api_url.or(lower.api_url),
+            api_token_file: self.api_token_file.or(lower.api_token_file),
+            api_token_credential: self.api_token_credential.or(lower.api_token_credential),
+            api_ca_file: self.api_ca_file.or(lower.api_ca_file),
+            api_headers: if self.api_headers.is_empty() {
+                lower.api_headers
+            } else {
+                self.api_headers
+            },
+            api_timeout: self.api_timeout.or(lower.api_timeout),
+            profile: self.profile.or(lower.profile),
+            stop_url: self.stop_url.or(lower.stop_url),
+            idle_timeout: self.idle_timeout.or(lower.idle_timeout),
+            stop_timeout: self.stop_timeout.or(lower.stop_timeout),
+            vm_scope: self.vm_scope.or(lower.vm_scope),
+            vm_port: self.vm_port.or(lower.vm_port),
+            boot_timeout: self.boot_timeout.or(lower.boot_timeout),
+            vm_connect_timeout: self.vm_connect_timeout.or(lower.vm_connect_timeout),
+            vm_banner_timeout: self.vm_banner_timeout.or(lower.vm_banner_timeout),
+            client_banner_timeout: self.client_banner_timeout.or(lower.client_banner_timeout),
+            silent_clients: self.silent_clients.or(lower.silent_clients),
+            vm_networks: if self.vm_networks.is_empty() {
+                lower.vm_networks
+            } else {
+                self.vm_networks
+            },
+            state_dir: self.state_dir.or(lower.state_dir),
+            max_sessions: self.max_sessions.or(lower.max_sessions),
+            max_sessions_per_source: self
+                .max_sessions_per_source
+                .or(lower.max_sessions_per_source),
+            max_pending_per_vm: self.max_pending_per_vm.or(lower.max_pending_per_vm),
+            drain_timeout: self.drain_timeout.or(lower.drain_timeout),
+            metrics_listen: self.metrics_listen.or(lower.metrics_listen),
+            ports: if self.ports.is_empty() {
+                lower.ports
+            } else {
+                self.ports
+            },
+            profiles: if self.profiles.is_empty() {
+                lower.profiles
+            } else {
+                self.profiles
+            },
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! `check-config`'s output: the effective configuration as a TOML file an operator could use, every profile
+//! resolved, secrets masked.
+
+use std::{fmt, time::Duration};
+
+use super::{Config, Profile};
+
+/// Prints as a TOML file an operator could use, with secrets masked.
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let source = match &self.file {
+            Some(path) => path.display().to_string(),
+            None => "no file".to_owned(),
+        };
+        writeln!(
+            f,
+            "# Effective configuration: flags > environment > {source} > defaults"
+        )?;
+        writeln!(
+            f,
+            "state_dir = {}",
+            quoted(&self.state_dir.display().to_string())
+        )?;
+        let d = &self.daemon;
+        writeln!(f, "max_sessions = {}", d.max_sessions)?;
+        writeln!(f, "max_sessions_per_source = {}", d.max_sessions_per_source)?;
+        writeln!(f, "max_pending_per_vm = {}", d.max_pending_per_vm)?;
+        writeln!(f, "drain_timeout = {}", duration(d.drain_timeout))?;
+        match &d.metrics_listen {
+            Some(listen) => writeln!(f, "metrics_listen = {}", quoted(listen))?,
+            None => writeln!(f, "# no metrics_listen")?,
+        }
+        match &self.default {
+            Some(profile) => profile.fmt(f)?,
+            None => writeln!(
+                f,
+                "# no top-level api_url: connections on ports no profile lists are refused"
+            )?,
+        }
+        for profile in &self.profiles {
+            writeln!(f, "\n[profiles.{}]", profile.label())?;
+            writeln!(f, "ports = {:?}", profile.ports)?;
+            profile.fmt(f)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "api_url = {}", quoted(&self.api.url.to_string()))?;
+        match (&self.api.token, &self.api.token_source) {
+            (Some(token), Some(source)) => writeln!(
+                f,
+                "api_token_file = {}  # token: {token}",
+                quoted(&source.display().to_string())
+            )?,
+            _ => writeln!(f, "# no API token")?,
+        }
+        if let Some(ca) = &self.api.ca_file {
+            writeln!(f, "api_ca_file = {}", quoted(&ca.display().to_string()))?;
+        }
+        let headers: Vec<String> = self
+            .api
+            .headers
+            .iter()
+            .map(|(name, value)| quoted(&format!("{name}: {value}")))
+            .collect();
+        writeln!(f, "api_headers = [{}]", headers.join(", "))?;
+        writeln!(f, "api_timeout = {}", duration(self.api.timeout))?;
+        // A named profile's name is its table's; only the top level says it.
+        if self.ports.is_empty() {
+            match &self.name {
+                Some(name) => writeln!(f, "profile = {}", quoted(name))?,
+                None => writeln!(f, "# no profile")?,
+            }
+        }
+        match &self.stop {
+            Some(stop) => {
+                writeln!(f, "stop_url = {}", quoted(&stop.url.to_string()))?;
+                writeln!(f, "idle_timeout = {}", duration(stop.idle_timeout))?;
+                writeln!(f, "stop_timeout = {}", duration(stop.timeout))?;
+            }
+            None => writeln!(f, "# no stop_url: VMs are never stopped")?,
+        }
+        writeln!(f, "vm_scope = {}", quoted(self.vm_scope.as_str()))?;
+        writeln!(f, "vm_port = {}", self.vm_port)?;
+        let networks: Vec<String> = self
+            .vm_networks
+            .iter()
+            .map(|net| quoted(&net.to_string()))
+            .collect();
+        writeln!(f, "vm_networks = [{}]", networks.join(", "))?;
+        writeln!(
+            f,
+            "silent_clients = {}",
+            quoted(self.silent_clients.as_str())
+        )?;
+        writeln!(f, "boot_timeout = {}", duration(self.boot_timeout))?;
+        writeln!(
+            f,
+            "vm_connect_timeout = {}",
+            duration(self.vm_connect_timeout)
+        )?;
+        writeln!(
+            f,
+            "vm_banner_timeout = {}",
+            duration(self.vm_banner_timeout)
+        )?;
+        writeln!(
+            f,
+            "client_banner_timeout = {}",
+            duration(self.client_banner_timeout)
+        )
+    }
+}
+
+fn quoted(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+fn duration(d: Duration) -> String {
+    quoted(&humantime::format_duration(d).to_string())
+}

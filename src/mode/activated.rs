@@ -1,0 +1,124 @@
+//! Activated mode: one process per connection (`Accept=yes`): takes the connection systemd hands over, serves
+//! it, waits out the VM's idle timeout if it was the VM's last session, and exits with the outcome.
+
+use std::{
+    fs::File,
+    io,
+    net::TcpStream,
+    os::fd::{AsFd, FromRawFd, OwnedFd},
+    process::ExitCode,
+    sync::Arc,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use listenfd::ListenFd;
+use socket2::SockRef;
+use tracing::{error, info};
+
+use crate::{
+    config::Config,
+    logging::is_tcp,
+    session::{self, Context as SessionContext},
+    vm::store::now_ms,
+};
+
+/// Serves the one connection systemd handed to this process, with `config` or, if it is an error, by telling
+/// the client the host is misconfigured; then, if it was its VM's last session, waits out the VM's idle
+/// timeout. Returns the exit status: 0 when the client was relayed or left, 1 when it got no VM, 2 when there
+/// was no connection to serve.
+pub fn serve(config: Result<Config>) -> ExitCode {
+    let client = match take_client() {
+        Ok(client) => client,
+        Err(e) => {
+            error!("{e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    // One connection per process: a single-threaded runtime starts fastest and is all the relay needs.
+    let runtime = match crate::runtime(false) {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            error!("{e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        let client = tokio::net::TcpStream::from_std(client)?;
+        let config = match config {
+            Ok(config) => config,
+            Err(error) => return Ok(session::refuse_misconfigured(client, &error).await),
+        };
+        let ctx = SessionContext::new(Arc::new(config), true);
+        let report = session::run(client, &ctx, None).await;
+        // The client's socket is closed by now; the process stays only for the VM.
+        if let Some((watch, api)) = report.idle {
+            let in_s = watch.due().saturating_sub(now_ms()) / 1000;
+            let text = format!(
+                "idle: stopping {} in {in_s} s unless someone logs in",
+                watch.key()
+            );
+            info!("{text}");
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&text)]);
+            watch.run(&api).await;
+        }
+        Ok::<_, std::io::Error>(report.outcome)
+    });
+    match outcome {
+        Ok(outcome) => outcome.exit_code(),
+        Err(e) => {
+            error!("registering the client's socket: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Takes the client's connection the way systemd passes it with `Accept=yes`: as fd 3 with `LISTEN_FDS=1`, or
+/// else as fd 0 (`StandardInput=socket`). Call it before any thread starts: it reads and clears `LISTEN_*`.
+pub fn take_client() -> Result<TcpStream> {
+    let mut listen_fds = ListenFd::from_env();
+    let fd = match listen_fds.len() {
+        0 => {
+            let fd = io::stdin()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("fd 0 is not open")?;
+            check_connected_tcp(&fd).context(
+                "fd 0 is not a connected TCP socket; ssh-on-demand serves one connection handed over by a \
+                 systemd socket unit with Accept=yes (see README.md), or run `ssh-on-demand check-config`",
+            )?;
+            // With fd 0 on /dev/null our duplicate is the only handle on the connection, so dropping it closes
+            // the connection rather than leaving it half-open until exit.
+            let null = File::open("/dev/null").context("opening /dev/null")?;
+            rustix::stdio::dup2_stdin(&null).context("pointing fd 0 at /dev/null")?;
+            fd
+        }
+        1 => {
+            let raw = listen_fds
+                .take_raw_fd(0)?
+                .context("the LISTEN_FDS socket was already taken")?;
+            // SAFETY: under the sd_listen_fds protocol fd 3 is ours, and ListenFd hands each fd out only once.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            check_connected_tcp(&fd).context(
+                "LISTEN_FDS passed a socket that is not a connected TCP socket: the socket unit needs Accept=yes",
+            )?;
+            fd
+        }
+        n => bail!(
+            "systemd passed {n} sockets (LISTEN_FDS={n}); with Accept=yes it passes exactly one connection"
+        ),
+    };
+    let stream = TcpStream::from(fd);
+    stream.set_nonblocking(true)?;
+    Ok(stream)
+}
+
+/// A TCP connection, or one the client has reset already (it has no peer any more, but is still a
+/// connection to record); not a listening socket, which a unit with Accept=no would pass.
+fn check_connected_tcp(fd: &OwnedFd) -> Result<()> {
+    ensure!(is_tcp(fd), "not a TCP socket");
+    ensure!(
+        !SockRef::from(fd).is_listener().unwrap_or(false),
+        "a listening socket"
+    );
+    Ok(())
+}

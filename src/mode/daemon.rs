@@ -1,0 +1,446 @@
+//! Daemon mode: one long-lived process for every connection (`Accept=no`). It takes its listening sockets
+//! from systemd or `--listen`, admits connections within its limits, tells systemd how it is doing (`READY=1`,
+//! `STATUS=`, `WATCHDOG=1`), reloads its configuration on SIGHUP and drains its sessions on SIGTERM.
+
+use std::{
+    net::{SocketAddr, TcpListener as StdListener},
+    process::ExitCode,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use listenfd::ListenFd;
+use sd_notify::NotifyState;
+use socket2::{SockRef, TcpKeepalive};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    signal::unix::{SignalKind, signal},
+    time::{MissedTickBehavior, interval, sleep, timeout},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{error, info, warn};
+
+use crate::{
+    cli::Cli,
+    config::Config,
+    limits::Limits,
+    metrics::{self, Metrics},
+    report::Outcome,
+    session::{self, Context},
+    vm::{lifecycle, store::now_ms},
+};
+
+/// Keep-alive on client connections, as the per-connection socket unit sets it (`KeepAliveTimeSec=120`,
+/// `KeepAliveIntervalSec=30`, `KeepAliveProbes=4`): a client that vanished is noticed in 4 minutes.
+const CLIENT_KEEPALIVE_IDLE: Duration = Duration::from_secs(120);
+const CLIENT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const CLIENT_KEEPALIVE_PROBES: u32 = 4;
+/// Pause after an accept error such as EMFILE, doubling up to [`MAX_ACCEPT_PAUSE`]: retrying at once would
+/// spin on the same error.
+const FIRST_ACCEPT_PAUSE: Duration = Duration::from_millis(10);
+const MAX_ACCEPT_PAUSE: Duration = Duration::from_secs(1);
+/// Refusals being told at once (each lingers up to [`crate::wire::LINGER`]); past this, excess connections
+/// are closed without a word rather than let a flood grow tasks without bound.
+const MAX_REFUSING: usize = 256;
+/// How often VMs whose idle waiter died are looked for, and `STATUS=` refreshed.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+/// After the drain timeout, sessions are told to close; this is how long they get to say goodbye.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves until SIGTERM or SIGINT. Exit status 0 after a drain, 1 if it could not start.
+pub fn run(cli: &Cli, listen: &[(SocketAddr, Option<String>)]) -> ExitCode {
+    // listenfd reads and clears LISTEN_*: before the runtime starts any thread.
+    let inherited = match inherited_listeners() {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            error!("{e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = match Config::load(cli) {
+        Ok(config) => config,
+        Err(e) => {
+            error!("configuration unusable: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    raise_open_files_limit();
+    let runtime = match crate::runtime(true) {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            error!("{e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let daemon = Daemon::new(cli.clone(), config);
+        let listeners = bind(inherited, listen).await?;
+        daemon.serve(listeners).await
+    });
+    // Idle waits still pending end with the process; the next start's sweep takes them over.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            let _ = sd_notify::notify(&[NotifyState::Errno(1)]);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A listening socket, and the profile it is for if systemd named it after one (`FileDescriptorName=`).
+struct Listener {
+    socket: TcpListener,
+    name: Option<String>,
+}
+
+fn inherited_listeners() -> Result<Vec<(StdListener, Option<String>)>> {
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .map(|names| names.split(':').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let mut fds = ListenFd::from_env();
+    (0..fds.len())
+        .map(|i| {
+            let listener = fds
+                .take_tcp_listener(i)
+                .with_context(|| format!("LISTEN_FDS socket {i} is not a TCP listening socket"))?
+                .context("LISTEN_FDS socket taken twice")?;
+            Ok((listener, names.get(i).cloned()))
+        })
+        .collect()
+}
+
+async fn bind(
+    inherited: Vec<(StdListener, Option<String>)>,
+    listen: &[(SocketAddr, Option<String>)],
+) -> Result<Vec<Listener>> {
+    let mut listeners = Vec::new();
+    for (listener, name) in inherited {
+        listener.set_nonblocking(true)?;
+        listeners.push(Listener {
+            socket: TcpListener::from_std(listener)?,
+            name,
+        });
+    }
+    for (addr, name) in listen {
+        let socket = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        listeners.push(Listener {
+            socket,
+            name: name.clone(),
+        });
+    }
+    if listeners.is_empty() {
+        bail!(
+            "no socket to listen on: give --listen ADDR, or start the daemon from a socket unit (Accept=no)"
+        );
+    }
+    Ok(listeners)
+}
+
+/// The soft limit of open files is 1024 by default; every session holds two sockets and more. Raised to
+/// the hard limit, which systemd sets high.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            warn!("raising the open files limit: {e}");
+        }
+    }
+}
+
+struct Daemon {
+    cli: Cli,
+    /// Replaced whole by a reload; sessions keep the one they started with.
+    current: RwLock<Arc<Context>>,
+    limits: Arc<Limits>,
+    metrics: Arc<Metrics>,
+    refusing: Arc<tokio::sync::Semaphore>,
+    /// Cancelled once the drain timeout has passed: every session closes.
+    close: CancellationToken,
+    sessions: TaskTracker,
+}
+
+impl Daemon {
+    fn new(cli: Cli, config: Config) -> Arc<Daemon> {
+        let limits = Arc::new(Limits::default());
+        let close = CancellationToken::new();
+        let ctx = Context::for_daemon(Arc::new(config), limits.clone(), close.clone());
+        Arc::new(Daemon {
+            cli,
+            current: RwLock::new(Arc::new(ctx)),
+            limits,
+            metrics: Arc::new(Metrics::new()),
+            refusing: Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING)),
+            close,
+            sessions: TaskTracker::new(),
+        })
+    }
+
+    fn current(&self) -> Arc<Context> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    async fn serve(self: Arc<Self>, listeners: Vec<Listener>) -> Result<()> {
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut hangup = signal(SignalKind::hangup())?;
+        let stop_accepting = CancellationToken::new();
+        let heartbeats: Vec<Arc<AtomicU64>> = listeners
+            .iter()
+            .map(|_| Arc::new(AtomicU64::new(now_ms())))
+            .collect();
+        let mut accepting = Vec::new();
+        for (listener, heartbeat) in listeners.into_iter().zip(&heartbeats) {
+            let addr = listener.socket.local_addr()?;
+            info!(listen = %addr, name = listener.name.as_deref(), "listening");
+            accepting.push(tokio::spawn(self.clone().accept_loop(
+                listener,
+                heartbeat.clone(),
+                stop_accepting.clone(),
+            )));
+        }
+        if let Some(listen) = &self.current().config.daemon.metrics_listen {
+            let (listen, metrics) = (listen.clone(), self.metrics.clone());
+            tokio::spawn(async move {
+                if let Err(e) = metrics::serve(&listen, metrics).await {
+                    error!("{e:#}");
+                }
+            });
+        }
+        if let Some(every) = sd_notify::watchdog_enabled() {
+            tokio::spawn(watchdog(every, heartbeats));
+        }
+        tokio::spawn(self.clone().housekeeping());
+        let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+                _ = hangup.recv() => self.reload(),
+            }
+        }
+        // Closed before the drain: from here on, new connections are refused (or wait for a successor in
+        // systemd's socket), never half-served.
+        stop_accepting.cancel();
+        for loop_ in accepting {
+            let _ = loop_.await;
+        }
+        self.drain().await;
+        Ok(())
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: Listener,
+        heartbeat: Arc<AtomicU64>,
+        stop: CancellationToken,
+    ) {
+        let mut pause = FIRST_ACCEPT_PAUSE;
+        // The watchdog trusts the loop only while it keeps coming round, busy or not.
+        let mut tick = interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        loop {
+            heartbeat.store(now_ms(), Ordering::Relaxed);
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+                accepted = listener.socket.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        pause = FIRST_ACCEPT_PAUSE;
+                        self.admit(stream, peer, listener.name.as_deref());
+                    }
+                    Err(e) if is_fleeting(&e) => {}
+                    Err(e) => {
+                        warn!(listen = ?listener.socket.local_addr().ok(), "accepting: {e}; pausing {pause:?}");
+                        sleep(pause).await;
+                        pause = (pause * 2).min(MAX_ACCEPT_PAUSE);
+                    }
+                },
+            }
+        }
+    }
+
+    /// Starts a session for the connection, or tells the client which limit it hit.
+    fn admit(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr, listener: Option<&str>) {
+        let ctx = self.current();
+        tune_client(&stream);
+        let limits = &ctx.config.daemon;
+        let admitted = self.limits.admit(
+            peer.ip().to_canonical(),
+            limits.max_sessions,
+            limits.max_sessions_per_source,
+        );
+        let slot = match admitted {
+            Ok(slot) => slot,
+            Err(busy) => {
+                self.metrics.refused(Outcome::Busy);
+                // Past MAX_REFUSING, the socket just closes: a flood must not cost unbounded tasks.
+                if let Ok(permit) = self.refusing.clone().try_acquire_owned() {
+                    self.sessions.spawn(async move {
+                        session::refuse_busy(stream, busy).await;
+                        drop(permit);
+                    });
+                } else {
+                    warn!(client = %peer, "{busy}; closed without a word: too many refusals at once");
+                }
+                return;
+            }
+        };
+        self.metrics.set_sessions(self.limits.sessions());
+        let profile = listener
+            .and_then(|name| ctx.config.profile_named(name))
+            .cloned();
+        let daemon = self.clone();
+        self.sessions.spawn(async move {
+            let report = session::run(stream, &ctx, profile.as_ref()).await;
+            drop(slot);
+            daemon.metrics.set_sessions(daemon.limits.sessions());
+            daemon.metrics.session(&report);
+            if let Some((watch, api)) = report.idle {
+                let metrics = daemon.metrics.clone();
+                tokio::spawn(async move { metrics.stop(watch.run(&api).await) });
+            }
+        });
+    }
+
+    /// Reads the configuration again for new connections; a broken one is refused and the old one kept.
+    fn reload(&self) {
+        let _ = sd_notify::notify(&[NotifyState::Reloading]);
+        match Config::load(&self.cli) {
+            Ok(config) => {
+                let ctx =
+                    Context::for_daemon(Arc::new(config), self.limits.clone(), self.close.clone());
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ctx);
+                info!("configuration reloaded; it applies to new connections");
+            }
+            Err(e) => error!("configuration not reloaded, the previous one stays in use: {e:#}"),
+        }
+        let _ = sd_notify::notify(&[NotifyState::Ready]);
+    }
+
+    /// Stops VMs whose idle waiter died (at start, and then every minute), and keeps `STATUS=` current.
+    async fn housekeeping(self: Arc<Self>) {
+        let mut sweep = interval(SWEEP_EVERY);
+        let mut status = interval(STATUS_EVERY);
+        loop {
+            tokio::select! {
+                _ = sweep.tick() => {
+                    let ctx = self.current();
+                    for watch in lifecycle::sweep(&ctx.lifecycle, &ctx.config, u64::MAX).await {
+                        let Some(profile) = ctx.config.profile_labeled(&watch.key().profile) else {
+                            continue;
+                        };
+                        match ctx.api(profile) {
+                            Ok(api) => {
+                                let metrics = self.metrics.clone();
+                                tokio::spawn(async move { metrics.stop(watch.run(&api).await) });
+                            }
+                            Err(e) => error!("{e:#}"),
+                        }
+                    }
+                }
+                _ = status.tick() => {
+                    let text = self.status_text();
+                    let _ = sd_notify::notify(&[NotifyState::Status(&text)]);
+                }
+            }
+        }
+    }
+
+    /// `12 sessions; lab: up, 3 sessions; ci@203.0.113.9: idle, stop due in 240 s`, for `systemctl status`.
+    fn status_text(&self) -> String {
+        let mut text = format!("{} sessions", self.limits.sessions());
+        let ctx = self.current();
+        if let Ok(vms) = crate::status::collect(&ctx.config.state_dir) {
+            let now = now_ms();
+            for vm in vms.iter().filter(|vm| vm.state != "stopped").take(8) {
+                text.push_str(&format!("; {}: {}", vm.key, vm.state));
+                if !vm.sessions.is_empty() {
+                    text.push_str(&format!(", {} sessions", vm.sessions.len()));
+                }
+                if let Some(due) = vm.stop_due {
+                    text.push_str(&format!(
+                        ", stop due in {} s",
+                        due.saturating_sub(now) / 1000
+                    ));
+                }
+            }
+        }
+        text
+    }
+
+    /// Lets sessions finish for `drain_timeout`, then closes those left.
+    async fn drain(&self) {
+        let drain = self.current().config.daemon.drain_timeout;
+        self.sessions.close();
+        let left = self.limits.sessions();
+        info!(
+            sessions = left,
+            "stopping: draining sessions for up to {drain:?}"
+        );
+        let status = format!("stopping: draining {left} sessions");
+        let _ = sd_notify::notify(&[NotifyState::Stopping, NotifyState::Status(&status)]);
+        if timeout(drain, self.sessions.wait()).await.is_err() {
+            warn!(
+                sessions = self.limits.sessions(),
+                "drain_timeout passed; closing the sessions left"
+            );
+            self.close.cancel();
+            let _ = timeout(CLOSE_GRACE, self.sessions.wait()).await;
+        }
+    }
+}
+
+/// Pings systemd's watchdog at half its interval, but only while every accept loop keeps coming round: a
+/// stuck loop stops the pings, and systemd restarts the daemon.
+async fn watchdog(every: Duration, heartbeats: Vec<Arc<AtomicU64>>) {
+    let mut tick = interval(every / 2);
+    loop {
+        tick.tick().await;
+        let now = now_ms();
+        let stale = (every.as_millis() as u64).max(2000);
+        if heartbeats
+            .iter()
+            .all(|beat| now.saturating_sub(beat.load(Ordering::Relaxed)) < stale)
+        {
+            let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+        } else {
+            warn!("an accept loop has not come round for {stale} ms; not pinging the watchdog");
+        }
+    }
+}
+
+/// Errors of one connection that was already gone, rather than of the listener.
+fn is_fleeting(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        error.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    )
+}
+
+fn tune_client(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = TcpKeepalive::new()
+        .with_time(CLIENT_KEEPALIVE_IDLE)
+        .with_interval(CLIENT_KEEPALIVE_INTERVAL)
+        .with_retries(CLIENT_KEEPALIVE_PROBES);
+    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}

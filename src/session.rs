@@ -1,0 +1,443 @@
+//! Session: one client from accept to close: its identification, its VM's lease, the start (its own or
+//! shared), the wait for sshd, the relay or the refusal, and the one summary record. Both modes run it.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::{Instant, timeout},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span, debug, error, field, info_span, warn};
+
+use crate::{
+    cli::SilentClients,
+    config::{Config, Profile},
+    limits::{Limits, Slot},
+    relay,
+    report::{self, Outcome, Refusal, Stats},
+    vm::{
+        api::Api,
+        lifecycle::{IdleWatch, Lease, Lifecycle},
+        readiness::Ready,
+        store::Store,
+    },
+    wire,
+};
+
+mod boot;
+
+use boot::Boot;
+
+/// Client bytes buffered while the VM boots. OpenSSH sends ~1.5 KiB before it hears from the server; past this
+/// we stop reading (TCP flow control holds the client) and only lose early notice of a hang-up.
+const MAX_EARLY_CLIENT_BYTES: usize = 64 * 1024;
+
+/// What sessions share: the configuration, the VMs' shared state, and one HTTP client per profile.
+pub struct Context {
+    pub config: Arc<Config>,
+    pub lifecycle: Lifecycle,
+    apis: Mutex<HashMap<String, Arc<Api>>>,
+    /// Per-connection processes report their progress to systemd (`STATUS=`); the daemon has its own.
+    notify_status: bool,
+    /// The daemon's: its count of connections waiting for each VM, and its order to close every session.
+    daemon: Option<(Arc<Limits>, CancellationToken)>,
+}
+
+impl Context {
+    pub fn new(config: Arc<Config>, notify_status: bool) -> Context {
+        Context {
+            lifecycle: Lifecycle::new(Store::new(&config.state_dir)),
+            config,
+            apis: Mutex::default(),
+            notify_status,
+            daemon: None,
+        }
+    }
+
+    /// The daemon's context: `limits` bound the connections waiting per VM, and cancelling `close` ends every
+    /// session (once the drain timeout has passed).
+    pub fn for_daemon(
+        config: Arc<Config>,
+        limits: Arc<Limits>,
+        close: CancellationToken,
+    ) -> Context {
+        Context {
+            daemon: Some((limits, close)),
+            ..Context::new(config, false)
+        }
+    }
+
+    /// Resolves when the daemon closes every session; never in the per-connection mode.
+    async fn closed(&self) {
+        match &self.daemon {
+            Some((_, close)) => close.cancelled().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// A place among the connections waiting for their VM, where the daemon bounds them.
+    fn wait_slot(&self, lease: Option<&Lease>) -> Result<Option<Slot>, &'static str> {
+        match (&self.daemon, lease) {
+            (Some((limits, _)), Some(lease)) => limits
+                .wait_for(lease.key(), self.config.daemon.max_pending_per_vm)
+                .map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// The HTTP client of `profile`'s APIs, built on first use: a per-connection process builds the one it
+    /// needs, the daemon one per profile and configuration.
+    pub fn api(&self, profile: &Profile) -> anyhow::Result<Arc<Api>> {
+        let mut apis = self.apis.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(api) = apis.get(profile.label()) {
+            return Ok(api.clone());
+        }
+        let api = Arc::new(Api::new(profile)?);
+        apis.insert(profile.label().to_owned(), api.clone());
+        Ok(api)
+    }
+
+    pub(super) fn status(&self, text: &str) {
+        if self.notify_status {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(text)]);
+        }
+    }
+}
+
+/// How a session ended, and what it leaves to its caller.
+pub struct Report {
+    pub outcome: Outcome,
+    pub stats: Stats,
+    /// The VM's idle wait, when this was its last session: the caller runs it (the per-connection process
+    /// before it exits, the daemon as a task).
+    pub idle: Option<(IdleWatch, Arc<Api>)>,
+}
+
+/// Proxies one client connection to its VM, starting the VM first. `profile` is the listener's, if it has
+/// one; otherwise the local port picks it. Every wait is bounded by a timeout of the profile, and nothing but
+/// relayed bytes or a disconnect message is ever written to `client`.
+pub async fn run(client: TcpStream, ctx: &Context, profile: Option<&Arc<Profile>>) -> Report {
+    let mut conn = Connection::new(client);
+    let profile = profile.or_else(|| {
+        conn.local
+            .and_then(|local| ctx.config.profile_for_port(local.port()))
+    });
+    let span = conn.span(profile.map(|p| p.label()));
+    async move {
+        let (outcome, mut lease) = match (conn.peer, profile) {
+            (None, _) => {
+                conn.stats.reason = Some("the client reset the connection at once".to_owned());
+                (Outcome::ClientGone, None)
+            }
+            (Some(_), None) => {
+                error!(
+                    "no profile takes connections on local port {}: list it in a profile's ports, or set a \
+                     top-level api_url",
+                    conn.local.map_or(0, |l| l.port())
+                );
+                (conn.refuse(Refusal::Misconfigured).await, None)
+            }
+            (Some(peer), Some(profile)) => conn.proxy(ctx, profile, peer).await,
+        };
+        // Over before its record is written: whoever reads the record finds the session gone.
+        if let Some(lease) = &mut lease {
+            lease.end();
+        }
+        conn.summarize(outcome);
+        let idle = match (lease, profile) {
+            (Some(lease), Some(profile)) => match lease.leave().await {
+                Ok(Some(watch)) => ctx.api(profile).ok().map(|api| (watch, api)),
+                Ok(None) => None,
+                Err(e) => {
+                    warn!("recording the end of the session: {e}");
+                    None
+                }
+            },
+            _ => None,
+        };
+        Report {
+            outcome,
+            stats: conn.stats,
+            idle,
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// For a connection that arrives while the configuration is unusable: logs `error` and tells the client the
+/// host is misconfigured, without the details, which are the operator's business.
+pub async fn refuse_misconfigured(client: TcpStream, error: &anyhow::Error) -> Outcome {
+    let mut conn = Connection::new(client);
+    let span = conn.span(None);
+    async move {
+        error!("configuration unusable: {error:#}");
+        let outcome = conn.refuse(Refusal::Misconfigured).await;
+        conn.summarize(outcome);
+        outcome
+    }
+    .instrument(span)
+    .await
+}
+
+/// Tells a client over one of the daemon's limits why it cannot be served, and records it.
+pub async fn refuse_busy(client: TcpStream, why: &'static str) -> Outcome {
+    let mut conn = Connection::new(client);
+    let span = conn.span(None);
+    async move {
+        let outcome = conn.refuse(Refusal::Busy(why)).await;
+        conn.summarize(outcome);
+        outcome
+    }
+    .instrument(span)
+    .await
+}
+
+struct Connection {
+    client: TcpStream,
+    /// `None` if the client reset the connection before we could ask who it is.
+    peer: Option<SocketAddr>,
+    local: Option<SocketAddr>,
+    accepted: Instant,
+    /// Client bytes read before the relay: its identification line, maybe more.
+    early: Vec<u8>,
+    stats: Stats,
+}
+
+impl Connection {
+    fn new(client: TcpStream) -> Connection {
+        Connection {
+            peer: client.peer_addr().ok().map(canonical),
+            local: client.local_addr().ok().map(canonical),
+            client,
+            accepted: Instant::now(),
+            early: Vec::with_capacity(4096),
+            stats: Stats::default(),
+        }
+    }
+
+    /// The per-connection span; its fields go into every record of the connection (journal fields under
+    /// journald). `vm` is filled in once the start API has answered.
+    fn span(&self, profile: Option<&str>) -> Span {
+        info_span!(
+            "connection",
+            client_addr = self.peer.map(|p| field::display(p.ip())),
+            client_port = self.peer.map(|p| p.port()),
+            profile,
+            vm = field::Empty,
+        )
+    }
+
+    async fn proxy(
+        &mut self,
+        ctx: &Context,
+        profile: &Arc<Profile>,
+        peer: SocketAddr,
+    ) -> (Outcome, Option<Lease>) {
+        let identified = match self
+            .read_client_identification(profile.client_banner_timeout)
+            .await
+        {
+            Ok(identified) => identified,
+            Err(outcome) => return (outcome, None),
+        };
+        // A client that says nothing is served only if its VM runs, or if the operator said to start it.
+        let known = match (identified, profile.silent_clients) {
+            (Identified::Ssh, _) | (Identified::Silent, SilentClients::Start) => None,
+            (Identified::Silent, SilentClients::IfRunning) => {
+                match ctx.lifecycle.running(profile, peer) {
+                    Some(vm) => Some(vm),
+                    None => return (self.silent(profile, "and its VM is not running"), None),
+                }
+            }
+            (Identified::Silent, SilentClients::Close) => {
+                return (self.silent(profile, "and is closed"), None);
+            }
+        };
+        // From here on the connection counts as a session of its VM: no stop while it waits or relays.
+        let lease = match ctx.lifecycle.join(profile, peer) {
+            Ok(lease) => Some(lease),
+            Err(e) => {
+                error!(
+                    "the shared state in {} is unusable ({e}); this connection's start is not shared and \
+                     its VM will not be stopped when idle",
+                    ctx.config.state_dir.display()
+                );
+                None
+            }
+        };
+        let waiting = match ctx.wait_slot(lease.as_ref()) {
+            Ok(waiting) => waiting,
+            Err(busy) => return (self.refuse(Refusal::Busy(busy)).await, lease),
+        };
+        let deadline = Instant::now() + profile.boot_timeout;
+        let local = self.local.unwrap_or(peer);
+        let boot = Boot {
+            ctx,
+            profile,
+            lease: lease.as_ref(),
+            peer,
+            local,
+            deadline,
+            known,
+        };
+        let (client, early) = (&mut self.client, &mut self.early);
+        let stats = &mut self.stats;
+        let work = async {
+            tokio::select! {
+                booted = boot.run(stats) => booted,
+                () = ctx.closed() => Err(Refusal::Busy("ssh-on-demand is restarting")),
+            }
+        };
+        let booted = until_client_leaves(client, early, work).await;
+        drop(waiting);
+        let outcome = match booted {
+            None => {
+                self.stats.reason = Some("client hung up before the VM was ready".to_owned());
+                Outcome::ClientGone
+            }
+            Some(Err(refusal)) => self.refuse(refusal).await,
+            Some(Ok(ready)) => self.relay(ctx, ready, lease.as_ref()).await,
+        };
+        (outcome, lease)
+    }
+
+    /// Waits for the `SSH-` that SSH clients send first (RFC 4253 §4.2), so that a port scan or a stray
+    /// HTTP request does not boot a VM. A client that sends nothing at all may be one that waits for the
+    /// server first (ssh-keyscan): `Silent`, for the caller to decide.
+    async fn read_client_identification(&mut self, limit: Duration) -> Result<Identified, Outcome> {
+        let read = async {
+            loop {
+                if let Some(ssh) = wire::client_identification(&self.early) {
+                    return Ok::<_, std::io::Error>(Some(ssh));
+                }
+                if self.client.read_buf(&mut self.early).await? == 0 {
+                    return Ok(None);
+                }
+            }
+        };
+        match timeout(limit, read).await {
+            Ok(Ok(Some(true))) => Ok(Identified::Ssh),
+            Err(_) if self.early.is_empty() => Ok(Identified::Silent),
+            Ok(Ok(Some(false))) => {
+                self.stats.reason = Some(format!(
+                    "client sent {:?} instead of an SSH identification",
+                    String::from_utf8_lossy(&self.early[..self.early.len().min(16)])
+                ));
+                Err(Outcome::NotSsh)
+            }
+            Err(_) => {
+                self.stats.reason = Some(format!(
+                    "client sent no SSH identification within {}",
+                    crate::seconds(limit)
+                ));
+                Err(Outcome::NotSsh)
+            }
+            Ok(Ok(None) | Err(_)) => {
+                self.stats.reason = Some("client hung up before identifying".to_owned());
+                Err(Outcome::ClientGone)
+            }
+        }
+    }
+
+    /// A silent client not served: recorded as not speaking SSH, with what was decided.
+    fn silent(&mut self, profile: &Profile, what: &str) -> Outcome {
+        self.stats.reason = Some(format!(
+            "client sent nothing within {} (as ssh-keyscan does) {what} (silent_clients = \"{}\")",
+            crate::seconds(profile.client_banner_timeout),
+            profile.silent_clients.as_str()
+        ));
+        Outcome::NotSsh
+    }
+
+    async fn refuse(&mut self, refusal: Refusal) -> Outcome {
+        let reason = refusal.to_string();
+        if let Err(e) = wire::send_disconnect(&mut self.client, &reason).await {
+            debug!("could not tell the client: {e}");
+        }
+        self.stats.reason = Some(reason);
+        refusal.outcome()
+    }
+
+    async fn relay(&mut self, ctx: &Context, ready: Ready, lease: Option<&Lease>) -> Outcome {
+        let Ready {
+            stream: mut vm,
+            received,
+            ..
+        } = ready;
+        // The user's ssh waits for the VM's identification: it goes first, the bookkeeping after.
+        if let Err(e) = self.client.write_all(&received).await {
+            self.stats.reason = Some(format!("relay ended: {e}"));
+            return Outcome::Relayed;
+        }
+        if let Some(lease) = lease {
+            lease.ready();
+        }
+        if let (Some(peer), Some(vm)) = (self.peer, self.stats.vm) {
+            ctx.status(&format!("relaying {peer} <-> {vm}"));
+        }
+        let relayed = relay::relay(&mut self.client, &mut vm, &self.early, &[]);
+        tokio::select! {
+            (mut transferred, result) = relayed => {
+                transferred.to_client += received.len() as u64;
+                self.stats.transferred = transferred;
+                if let Err(e) = result {
+                    self.stats.reason = Some(format!("relay ended: {e}"));
+                }
+            }
+            () = ctx.closed() => {
+                self.stats.reason = Some(
+                    "closed: the daemon stopped and its drain_timeout passed (bytes not counted)".to_owned(),
+                );
+            }
+        }
+        Outcome::Relayed
+    }
+
+    fn summarize(&self, outcome: Outcome) {
+        report::summarize(self.peer, outcome, &self.stats, self.accepted.elapsed());
+    }
+}
+
+/// What the client sent first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Identified {
+    /// Its `SSH-` line.
+    Ssh,
+    /// Nothing, for all of `client_banner_timeout`.
+    Silent,
+}
+
+/// Runs `work` while reading what the client sends into `early`. `None` if the client hangs up first, which
+/// drops `work` (its HTTP request or VM connection) at once: nobody is waiting for the VM any more.
+async fn until_client_leaves<T>(
+    client: &mut TcpStream,
+    early: &mut Vec<u8>,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return Some(out),
+            read = client.read_buf(early), if early.len() < MAX_EARLY_CLIENT_BYTES => match read {
+                // An SSH client never half-closes before the server spoke: EOF here means it is gone.
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            },
+        }
+    }
+}
+
+/// `ListenStream=22` listens on IPv6 and IPv4 at once, and shows IPv4 peers as `::ffff:203.0.113.9`; the
+/// start API and the journal get `203.0.113.9`, which is what an operator knows and searches for.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}

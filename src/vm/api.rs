@@ -1,0 +1,396 @@
+//! The operator's start and stop APIs: the HTTP POSTs, their retries, and the reading of their answers.
+//!
+//! The contract (README.md, "The start API" and "The stop API"): we POST a small JSON body; a 2xx answer to a
+//! start is either JSON `{"vm_ip": "192.168.0.57", "port": 22}` (port optional) or plain text `192.168.0.57`,
+//! `192.168.0.57:2222` or `[2001:db8::7]:2222`; a 2xx answer to a stop is all it takes. A 4xx answer refuses,
+//! and its text (or the JSON `error`/`message` field) is shown to the user. Connection errors, timeouts and
+//! 5xx are retried until the caller's deadline.
+
+use std::{
+    fmt, fs,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use anyhow::{Context, ensure};
+use reqwest::{
+    Certificate, StatusCode,
+    header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue},
+    redirect::Policy,
+};
+use serde::Serialize;
+use tokio::time::{Instant, timeout};
+use tracing::info;
+
+use crate::{config::Profile, retry::Backoff, secret::SecretUrl};
+
+mod answer;
+
+use answer::error_detail;
+pub use answer::{Unusable, parse_answer};
+
+/// Bigger answers are refused: an address fits in a few dozen bytes, and a runaway body must not eat memory.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// Redirects followed before giving up, which also ends redirect loops.
+pub const MAX_REDIRECTS: usize = 5;
+/// First pause before retrying a failed request; it doubles (with jitter) up to [`MAX_RETRY_DELAY`].
+pub const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+/// The start POST's body: what is known of the connection. APIs that ignore bodies keep working.
+#[derive(Debug, Serialize)]
+pub struct StartRequest<'a> {
+    pub client_addr: IpAddr,
+    pub client_port: u16,
+    pub local_addr: IpAddr,
+    pub local_port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<&'a str>,
+}
+
+/// The stop POST's body: which VM, and why now.
+#[derive(Debug, Serialize)]
+pub struct StopRequest<'a> {
+    pub vm_ip: IpAddr,
+    pub port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<&'a str>,
+    /// Only when the profile keeps one VM per client address, the way the start request named it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_addr: Option<IpAddr>,
+    pub idle_seconds: u64,
+}
+
+/// Where the VM's sshd is to be reached, and how many requests it took to learn it.
+#[derive(Debug)]
+pub struct Started {
+    pub addr: SocketAddr,
+    pub attempts: u32,
+}
+
+/// Which API a failure is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Start,
+    Stop,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Endpoint::Start => "start API",
+            Endpoint::Stop => "stop API",
+        })
+    }
+}
+
+impl Endpoint {
+    /// The setting that bounds all tries together.
+    fn budget_setting(self) -> &'static str {
+        match self {
+            Endpoint::Start => "boot_timeout",
+            Endpoint::Stop => "stop_timeout",
+        }
+    }
+}
+
+/// Why an API gave no usable answer. For the start API, the text is what the ssh user reads after "VM failed
+/// to start: ".
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    #[error("cannot reach the {0} ({1})")]
+    Unreachable(Endpoint, String),
+    /// A certificate that is not trusted will not become trusted by retrying.
+    #[error("the {0}'s TLS connection failed ({1})")]
+    Tls(Endpoint, String),
+    /// One request took all of `api_timeout`.
+    #[error("the {0} did not answer within {s}", s = crate::seconds(*.1))]
+    Timeout(Endpoint, Duration),
+    /// The overall deadline cut the only request short.
+    #[error("the {0} did not answer within {s} ({b})", s = crate::seconds(*.1), b = .0.budget_setting())]
+    Deadline(Endpoint, Duration),
+    #[error("the {endpoint} answered {status}{}", .detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default())]
+    Status {
+        endpoint: Endpoint,
+        status: StatusCode,
+        detail: Option<String>,
+    },
+    #[error("the {0} redirected more than {MAX_REDIRECTS} times")]
+    TooManyRedirects(Endpoint),
+    #[error("the {0}'s answer is larger than {k} KiB", k = MAX_ANSWER_BYTES / 1024)]
+    TooLarge(Endpoint),
+    #[error("the start API's answer is unusable: {0}")]
+    BadAnswer(#[from] Unusable),
+    /// Another connection's start of the same VM, whose answer this connection shares.
+    #[error("{0}")]
+    Shared(String),
+}
+
+impl ApiError {
+    /// Worth another try: the API may be restarting or overloaded. A 4xx or a bad answer will not change.
+    fn is_transient(&self) -> bool {
+        match self {
+            ApiError::Unreachable(..) | ApiError::Timeout(..) => true,
+            ApiError::Status { status, .. } => status.is_server_error(),
+            _ => false,
+        }
+    }
+}
+
+/// The HTTP client of one profile's APIs, built once per process (or per configuration, in the daemon):
+/// TLS set-up and connections are reused.
+pub struct Api {
+    client: reqwest::Client,
+    start_url: SecretUrl,
+    stop_url: Option<SecretUrl>,
+    timeout: Duration,
+    default_port: u16,
+}
+
+impl Api {
+    pub fn new(profile: &Profile) -> anyhow::Result<Api> {
+        let config = &profile.api;
+        let stop_url = profile.stop.as_ref().map(|stop| stop.url.clone());
+        let mut headers = HeaderMap::new();
+        for (name, value) in &config.headers {
+            headers.append(name.clone(), sensitive(value.expose())?);
+        }
+        if let Some(token) = &config.token {
+            headers.insert(
+                AUTHORIZATION,
+                sensitive(&format!("Bearer {}", token.expose()))?,
+            );
+        }
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("ssh-on-demand/", env!("CARGO_PKG_VERSION")))
+            .default_headers(headers)
+            .redirect(Policy::limited(MAX_REDIRECTS));
+        let https = config.url.scheme() == "https"
+            || stop_url.as_ref().is_some_and(|u| u.scheme() == "https");
+        if https {
+            if let Some(path) = &config.ca_file {
+                let pem = fs::read(path)
+                    .with_context(|| format!("reading api_ca_file {}", path.display()))?;
+                let certs = Certificate::from_pem_bundle(&pem)
+                    .with_context(|| format!("api_ca_file {}", path.display()))?;
+                ensure!(
+                    !certs.is_empty(),
+                    "api_ca_file {} holds no PEM certificate",
+                    path.display()
+                );
+                builder = builder.tls_certs_merge(certs);
+            }
+        } else {
+            // Loading the system's CA store is most of the cost of building a client, and in the per-connection
+            // mode every connection pays it: skip it for plain http. (A redirect from http to https then fails;
+            // configure the https URL.)
+            builder = builder.tls_certs_only([]);
+        }
+        Ok(Api {
+            client: builder.build().context("setting up the HTTP client")?,
+            start_url: config.url.clone(),
+            stop_url,
+            timeout: config.timeout,
+            default_port: profile.vm_port,
+        })
+    }
+
+    /// Asks for the VM until it gets an address, a final refusal, or `deadline` (`budget` after the client
+    /// identified) leaves no room for another try.
+    pub async fn start(
+        &self,
+        request: &StartRequest<'_>,
+        deadline: Instant,
+        budget: Duration,
+    ) -> Result<Started, ApiError> {
+        let body = serde_json::to_vec(request).expect("addresses and strings always serialize");
+        let call = Call {
+            endpoint: Endpoint::Start,
+            url: &self.start_url,
+            deadline,
+            budget,
+        };
+        let (addr, attempts) = self
+            .post(call, body, |content_type, body| {
+                parse_answer(content_type, body, self.default_port).map_err(ApiError::BadAnswer)
+            })
+            .await?;
+        Ok(Started { addr, attempts })
+    }
+
+    /// Asks for the VM to be stopped, retrying outages for at most `budget`. `None` without a `stop_url`.
+    pub async fn stop(
+        &self,
+        request: &StopRequest<'_>,
+        budget: Duration,
+    ) -> Option<Result<u32, ApiError>> {
+        let url = self.stop_url.as_ref()?;
+        let body = serde_json::to_vec(request).expect("addresses and strings always serialize");
+        let call = Call {
+            endpoint: Endpoint::Stop,
+            url,
+            deadline: deadline_after(budget),
+            budget,
+        };
+        let result = self.post(call, body, |_, _| Ok(())).await;
+        Some(result.map(|((), attempts)| attempts))
+    }
+
+    /// POSTs `body` until a 2xx answer that `read` accepts, a final error, or the deadline.
+    async fn post<T>(
+        &self,
+        call: Call<'_>,
+        body: Vec<u8>,
+        read: impl Fn(&str, &[u8]) -> Result<T, ApiError>,
+    ) -> Result<(T, u32), ApiError> {
+        let mut backoff = Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY);
+        let mut attempts = 0;
+        let mut previous: Option<ApiError> = None;
+        loop {
+            attempts += 1;
+            let error = match self.attempt(&call, body.clone(), &read).await {
+                Ok(value) => return Ok((value, attempts)),
+                Err(error) => error,
+            };
+            // A last try cut short by the deadline says less about the API than the try before it.
+            let error = match (error, previous.take()) {
+                (ApiError::Deadline(..), Some(previous)) => previous,
+                (error, _) => error,
+            };
+            if !error.is_transient() || Instant::now() >= call.deadline {
+                return Err(error);
+            }
+            // Not a warning: a retry that then succeeds is no failure; the summary record tells the end.
+            info!(attempt = attempts, %error, "{} failed; retrying", call.endpoint);
+            previous = Some(error);
+            if !backoff.pause(call.deadline).await {
+                return Err(previous.unwrap_or(ApiError::Deadline(call.endpoint, call.budget)));
+            }
+        }
+    }
+
+    async fn attempt<T>(
+        &self,
+        call: &Call<'_>,
+        body: Vec<u8>,
+        read: &impl Fn(&str, &[u8]) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let left = call.deadline.saturating_duration_since(Instant::now());
+        let endpoint = call.endpoint;
+        let exchange = async {
+            let response = self
+                .client
+                .post(call.url.expose().clone())
+                .header(CONTENT_TYPE, "application/json")
+                .header(ACCEPT, "application/json, text/plain")
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| classify(endpoint, e))?;
+            let status = response.status();
+            let content_type = response
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_ascii_lowercase();
+            let body = read_limited(endpoint, response).await?;
+            if !status.is_success() {
+                return Err(ApiError::Status {
+                    endpoint,
+                    status,
+                    detail: error_detail(&body),
+                });
+            }
+            read(&content_type, &body)
+        };
+        match timeout(self.timeout.min(left), exchange).await {
+            Ok(result) => result,
+            Err(_) if left < self.timeout => Err(ApiError::Deadline(endpoint, call.budget)),
+            Err(_) => Err(ApiError::Timeout(endpoint, self.timeout)),
+        }
+    }
+}
+
+/// `budget` from now, or as far as a deadline goes: a `stop_timeout` of "300000000000 years" parses, and
+/// `Instant + Duration` panics past what the clock can hold.
+fn deadline_after(budget: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    let now = Instant::now();
+    now.checked_add(budget).unwrap_or(now + FAR)
+}
+
+/// One call's fixed parts.
+struct Call<'a> {
+    endpoint: Endpoint,
+    url: &'a SecretUrl,
+    deadline: Instant,
+    /// What the deadline was set from, for the message when it passes.
+    budget: Duration,
+}
+
+fn sensitive(value: &str) -> anyhow::Result<HeaderValue> {
+    let mut value = HeaderValue::from_str(value).context("invalid header value")?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+fn classify(endpoint: Endpoint, error: reqwest::Error) -> ApiError {
+    if error.is_redirect() {
+        return ApiError::TooManyRedirects(endpoint);
+    }
+    // reqwest's own text is "error sending request for url (…)"; the innermost cause says what went wrong.
+    let mut cause: &dyn std::error::Error = &error;
+    let mut tls = false;
+    loop {
+        tls |= is_tls_error(cause);
+        match cause.source() {
+            Some(source) => cause = source,
+            None => break,
+        }
+    }
+    if tls {
+        ApiError::Tls(endpoint, cause.to_string())
+    } else {
+        ApiError::Unreachable(endpoint, cause.to_string())
+    }
+}
+
+/// A rustls error, which reaches us wrapped in `io::Error`s (whose `source()` skips what they wrap).
+fn is_tls_error(mut error: &(dyn std::error::Error + 'static)) -> bool {
+    loop {
+        if error.is::<rustls::Error>() {
+            return true;
+        }
+        match error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            Some(inner) => error = inner,
+            None => return false,
+        }
+    }
+}
+
+async fn read_limited(
+    endpoint: Endpoint,
+    mut response: reqwest::Response,
+) -> Result<Vec<u8>, ApiError> {
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
+    {
+        return Err(ApiError::TooLarge(endpoint));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| classify(endpoint, e))? {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(ApiError::TooLarge(endpoint));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,224 @@
+//! ssh-on-demand-api, the companion start/stop API (a workspace member), built with cargo and run on a
+//! loopback port it binds itself; and the platform emulators its own tests use (moto, fakepve), from
+//! ssh-on-demand-api/tests/emulators/.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::OnceLock,
+};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+use super::log::Log;
+
+/// Builds ssh-on-demand-api once per test binary, the way tests/systemd.rs builds the package.
+pub fn binary() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "ssh-on-demand-api"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("running cargo");
+        assert!(status.success(), "building ssh-on-demand-api failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+        target.join("debug/ssh-on-demand-api")
+    })
+}
+
+pub fn emulator(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("ssh-on-demand-api/tests/emulators")
+        .join(name)
+}
+
+/// The companion, serving on 127.0.0.1:PORT with a fresh bearer token.
+pub struct Companion {
+    child: Child,
+    pub url: String,
+    pub log: Log,
+    /// The token file, for the proxy's `--api-token-file`.
+    pub token_file: PathBuf,
+    _dir: TempDir,
+}
+
+impl Companion {
+    /// Runs it with `config` (TOML, without `listen`) and these credentials (name, content).
+    pub fn start(config: &str, credentials: &[(&str, &str)]) -> Companion {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("credentials");
+        fs::create_dir(&creds).unwrap();
+        let token_file = creds.join("api-token");
+        fs::write(&token_file, format!("companion-{}\n", std::process::id())).unwrap();
+        for (name, content) in credentials {
+            fs::write(creds.join(name), content).unwrap();
+        }
+        // A free port, given up just before the companion binds it; it says when it serves.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config_file = dir.path().join("config.toml");
+        fs::write(
+            &config_file,
+            format!("listen = \"127.0.0.1:{port}\"\n{config}"),
+        )
+        .unwrap();
+        let mut child = Command::new(binary())
+            .arg("--config")
+            .arg(&config_file)
+            .args(["--log-target=stderr", "--log-level=debug"])
+            .env("CREDENTIALS_DIRECTORY", &creds)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting ssh-on-demand-api");
+        let log = Log::collect(child.stderr.take().unwrap(), "api");
+        log.wait_for(super::PATIENCE, |l| {
+            l.contains("serving") || l.contains("ERROR")
+        });
+        Companion {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+            token_file,
+            _dir: dir,
+        }
+    }
+
+    pub fn start_url(&self) -> String {
+        format!("{}/start", self.url)
+    }
+
+    pub fn stop_url(&self) -> String {
+        format!("{}/stop", self.url)
+    }
+
+    /// A stop as the proxy sends it, by hand: the status and the JSON body of the answer.
+    pub fn stop_vm(&self, profile: &str, vm_ip: &str) -> (u16, Value) {
+        let body =
+            serde_json::json!({"vm_ip": vm_ip, "port": 22, "profile": profile, "idle_seconds": 1});
+        self.post("/stop", &body.to_string())
+    }
+
+    /// One HTTP/1.1 POST with the bearer token, over a connection the answer closes.
+    pub fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        let host = self.url.trim_start_matches("http://");
+        let token = fs::read_to_string(&self.token_file).unwrap();
+        let mut stream = TcpStream::connect(host).unwrap();
+        stream.set_read_timeout(Some(super::PATIENCE)).unwrap();
+        write!(
+            stream,
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            token.trim(),
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+        (
+            status,
+            serde_json::from_str(body).unwrap_or(Value::String(body.into())),
+        )
+    }
+}
+
+impl Drop for Companion {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One of the emulators in ssh-on-demand-api/tests/emulators/: its first line of JSON, then one line per
+/// power action it receives.
+pub struct Emulator {
+    child: Child,
+    _stdin: ChildStdin,
+    pub ready: Value,
+    pub events: Log,
+    _dir: TempDir,
+}
+
+impl Emulator {
+    /// moto's EC2 server with one stopped instance at `ip`.
+    pub fn moto(ip: &str) -> Emulator {
+        Emulator::run(
+            Command::new("python3")
+                .arg(emulator("moto_serve.py"))
+                .args(["1", ip]),
+            tempfile::tempdir().unwrap(),
+        )
+    }
+
+    /// fakepve with a stopped QEMU VM 100 whose guest agent reports `ip` on eth0.
+    pub fn fakepve(ip: &str, token_id: &str, secret: &str) -> Emulator {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = serde_json::json!({"interfaces": [{"name": "eth0", "ip-addresses": [
+            {"ip-address": ip, "ip-address-type": "ipv4", "prefix": 24}]}]});
+        let spec = serde_json::json!({"token_id": token_id, "token_secret": secret, "dir": dir.path(),
+            "guests": [{"vmid": 100, "name": "dev", "agent": agent, "agent_after_start": 0.2}]});
+        fs::write(dir.path().join("spec.json"), spec.to_string()).unwrap();
+        let mut command = Command::new("python3");
+        command
+            .arg(emulator("fakepve_serve.py"))
+            .arg(dir.path().join("spec.json"));
+        Emulator::run(&mut command, dir)
+    }
+
+    fn run(command: &mut Command, dir: TempDir) -> Emulator {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        let ready = serde_json::from_str(&first).unwrap_or_else(|_| {
+            panic!("the emulator did not start (see .ci/run for its pip install): {first:?}")
+        });
+        Emulator {
+            child,
+            _stdin: stdin,
+            ready,
+            events: Log::collect(stdout, "emulator"),
+            _dir: dir,
+        }
+    }
+
+    pub fn text(&self, key: &str) -> String {
+        self.ready[key].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// Waits for a power action line containing `needle`, e.g. `"event": "stop"`.
+    pub fn wait_for(&self, needle: &str) {
+        self.events
+            .wait_for(super::PATIENCE, |l| l.contains(needle));
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
