@@ -1,0 +1,299 @@
+//! The command backend: argv templates run without a shell, in the spirit of shell2http. Covers `virsh`,
+//! `qm`, `incus`, `VBoxManage` and scripts.
+//!
+//! The only placeholder is `{vm}`, and its values come from the configuration, never from a request. The
+//! start command prints the address (`192.0.2.7`, or `{"vm_ip": "192.0.2.7"}`) and must be idempotent:
+//! it runs for every start, including for a VM that is already up.
+
+use std::{
+    net::IpAddr,
+    os::unix::process::ExitStatusExt,
+    process::{ExitStatus, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Result, bail, ensure};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::error::Failure;
+
+/// What a command may print on stdout and stderr; more is a fault (a runaway loop), and the command is ended.
+pub const OUTPUT_LIMIT: usize = 64 * 1024;
+const PLACEHOLDER: &str = "{vm}";
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandConfig {
+    /// Starts the VM and prints its address.
+    pub start: Vec<String>,
+    /// Shuts the VM down gracefully; bounded by `stop_timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Vec<String>>,
+    /// Powers the VM off at once, when `stop` failed or did not finish in time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kill: Option<Vec<String>>,
+    /// Bounds the start and kill commands.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl CommandConfig {
+    pub fn check(&self) -> Result<()> {
+        for (name, argv) in [
+            ("start", Some(&self.start)),
+            ("stop", self.stop.as_ref()),
+            ("kill", self.kill.as_ref()),
+        ] {
+            let Some(argv) = argv else { continue };
+            ensure!(!argv.is_empty(), "{name}: an empty command");
+            ensure!(
+                argv[0].starts_with('/'),
+                "{name}: {:?} is not an absolute path (there is no shell and no PATH search)",
+                argv[0]
+            );
+            for arg in argv {
+                let rest = arg.replace(PLACEHOLDER, "");
+                if rest.contains('{') || rest.contains('}') {
+                    bail!(
+                        "{name}: {arg:?} has a placeholder other than {PLACEHOLDER}, the only one there is"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// VM names go into argv: refuse what a command could take for an option, and control characters.
+pub fn check_vm_name(vm: &str) -> Result<()> {
+    ensure!(!vm.is_empty(), "an empty VM name");
+    ensure!(
+        !vm.starts_with('-'),
+        "VM name {vm:?} starts with '-', which a command would take for an option"
+    );
+    ensure!(
+        !vm.chars().any(char::is_control),
+        "VM name {vm:?} has control characters"
+    );
+    Ok(())
+}
+
+pub struct Command {
+    config: CommandConfig,
+}
+
+impl Command {
+    pub fn new(config: CommandConfig) -> Command {
+        Command { config }
+    }
+
+    pub async fn start(&self, vm: &str) -> Result<IpAddr, Failure> {
+        let out = run("start", &self.config.start, vm, self.config.timeout).await?;
+        parse_address(&out).map_err(|why| {
+            Failure::Refused(format!("the start command's output is unusable: {why}"))
+        })
+    }
+
+    pub fn can_stop(&self) -> bool {
+        self.config.stop.is_some() || self.config.kill.is_some()
+    }
+
+    pub async fn stop(&self, vm: &str, limit: Duration) -> Result<(), Failure> {
+        match &self.config.stop {
+            Some(argv) => run("stop", argv, vm, limit).await.map(drop),
+            None => Err(Failure::Refused("no stop command is configured".into())),
+        }
+    }
+
+    pub async fn kill(&self, vm: &str) -> Result<bool, Failure> {
+        match &self.config.kill {
+            Some(argv) => run("kill", argv, vm, self.config.timeout)
+                .await
+                .map(|_| true),
+            None => Ok(false),
+        }
+    }
+}
+
+/// Runs `argv` with `{vm}` filled in, stdin closed, within `limit`; returns stdout. A non-zero exit is an
+/// error with the last line of stderr, the platform's own words.
+async fn run(name: &str, argv: &[String], vm: &str, limit: Duration) -> Result<String, Failure> {
+    let args: Vec<String> = argv.iter().map(|a| a.replace(PLACEHOLDER, vm)).collect();
+    let Some((program, rest)) = args.split_first() else {
+        return Err(Failure::Refused(format!("the {name} command is empty")));
+    };
+    let mut child = tokio::process::Command::new(program)
+        .args(rest)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so that a timeout ends whatever the command started too.
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| Failure::Refused(format!("cannot run the {name} command {program}: {e}")))?;
+    let pid = child.id();
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(Failure::Unavailable(format!(
+            "the {name} command's output pipes are missing"
+        )));
+    };
+    let outcome = tokio::time::timeout(limit, async {
+        tokio::try_join!(read_capped(stdout), read_capped(stderr), async {
+            child.wait().await.map_err(Overflow::Io)
+        })
+    })
+    .await;
+    let (out, err, status) = match outcome {
+        Ok(Ok(done)) => done,
+        Ok(Err(fault)) => {
+            kill_group(pid);
+            return Err(match fault {
+                Overflow::Limit => Failure::Refused(format!(
+                    "the {name} command printed more than {OUTPUT_LIMIT} bytes; it was ended"
+                )),
+                Overflow::Io(e) => {
+                    Failure::Unavailable(format!("reading the {name} command's output: {e}"))
+                }
+            });
+        }
+        Err(_) => {
+            kill_group(pid);
+            return Err(Failure::Timeout(format!(
+                "the {name} command did not finish within {}; it was ended",
+                humantime::format_duration(limit)
+            )));
+        }
+    };
+    let err = String::from_utf8_lossy(&err);
+    if !status.success() {
+        let last = err.lines().rev().map(str::trim).find(|l| !l.is_empty());
+        return Err(Failure::Refused(match last {
+            Some(line) => line.to_owned(),
+            None => format!("the {name} command {}", describe(status)),
+        }));
+    }
+    tracing::debug!(command = name, stderr = %err.trim(), "command succeeded");
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+enum Overflow {
+    Limit,
+    Io(std::io::Error),
+}
+
+async fn read_capped(mut pipe: impl AsyncRead + Unpin) -> Result<Vec<u8>, Overflow> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = pipe.read(&mut chunk).await.map_err(Overflow::Io)?;
+        if n == 0 {
+            return Ok(buf);
+        }
+        if buf.len() + n > OUTPUT_LIMIT {
+            return Err(Overflow::Limit);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn kill_group(pid: Option<u32>) {
+    let Some(pid) = pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) else {
+        return;
+    };
+    // It may have exited and taken its group with it; nothing to do then.
+    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("was killed by signal {signal}"),
+        _ => status.to_string(),
+    }
+}
+
+/// The address a start command printed: an IP address alone, or JSON `{"vm_ip": "…"}`.
+pub fn parse_address(out: &str) -> Result<IpAddr, String> {
+    let text = out.trim();
+    if text.starts_with('{') {
+        #[derive(Deserialize)]
+        struct Answer {
+            vm_ip: String,
+        }
+        let answer: Answer =
+            serde_json::from_str(text).map_err(|e| format!("JSON without vm_ip ({e})"))?;
+        return answer
+            .vm_ip
+            .parse()
+            .map_err(|_| format!("{:?} is not an IP address", answer.vm_ip));
+    }
+    if text.is_empty() {
+        return Err("it printed nothing; it must print the VM's IP address".into());
+    }
+    text.parse().map_err(|_| {
+        let shown: String = text.chars().take(80).collect();
+        format!("{shown:?} is not an IP address")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_plain_or_json() {
+        assert_eq!(
+            parse_address("192.0.2.7\n").unwrap(),
+            "192.0.2.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            parse_address("2001:db8::7").unwrap(),
+            "2001:db8::7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            parse_address(r#"{"vm_ip": "192.0.2.7", "port": 22}"#).unwrap(),
+            "192.0.2.7".parse::<IpAddr>().unwrap()
+        );
+        assert!(parse_address("").unwrap_err().contains("printed nothing"));
+        assert!(
+            parse_address("vm-7.internal")
+                .unwrap_err()
+                .contains("not an IP address")
+        );
+        assert!(parse_address("{}").unwrap_err().contains("without vm_ip"));
+    }
+
+    #[test]
+    fn templates_allow_only_the_vm_placeholder_and_absolute_programs() {
+        let config = |start: &[&str]| CommandConfig {
+            start: start.iter().map(|s| s.to_string()).collect(),
+            stop: None,
+            kill: None,
+            timeout: default_timeout(),
+        };
+        assert!(config(&["/usr/bin/virsh", "start", "{vm}"]).check().is_ok());
+        assert!(
+            config(&["/usr/bin/x", "{client_addr}"])
+                .check()
+                .unwrap_err()
+                .to_string()
+                .contains("placeholder")
+        );
+        assert!(
+            config(&["virsh"])
+                .check()
+                .unwrap_err()
+                .to_string()
+                .contains("absolute")
+        );
+        assert!(config(&[]).check().is_err());
+        assert!(check_vm_name("--all").is_err());
+        assert!(check_vm_name("dev").is_ok());
+    }
+}

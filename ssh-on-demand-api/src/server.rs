@@ -1,0 +1,244 @@
+//! The HTTP side: `POST /start` and `POST /stop` as the proxy sends them, the bearer token, and the
+//! listeners (systemd's sockets, loopback TCP or a unix socket), all serving HTTP/1.1.
+
+use std::{net::IpAddr, path::Path, sync::Arc};
+
+use anyhow::{Context, Result, bail};
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, StatusCode, header::AUTHORIZATION},
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use serde::Deserialize;
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::{
+    config::Listen,
+    secret::Secret,
+    vms::{Stopped, Vms},
+};
+
+pub struct App {
+    pub vms: Vms,
+    pub token: Secret,
+}
+
+/// What the proxy sends to `/start`; fields it may add later are ignored.
+#[derive(Debug, Default, Deserialize)]
+struct StartRequest {
+    client_addr: Option<IpAddr>,
+    client_port: Option<u16>,
+    profile: Option<String>,
+}
+
+/// What the proxy sends to `/stop`.
+#[derive(Debug, Default, Deserialize)]
+struct StopRequest {
+    vm_ip: Option<IpAddr>,
+    profile: Option<String>,
+    client_addr: Option<IpAddr>,
+    idle_seconds: Option<u64>,
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/start", post(start))
+        .route("/stop", post(stop))
+        .with_state(app)
+}
+
+async fn start(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(refusal) = authorize(&app, &headers) {
+        return refusal.into_response();
+    }
+    let request: StartRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let profile = request.profile.as_deref();
+    let client = request
+        .client_addr
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(
+        PROFILE = profile,
+        CLIENT_ADDR = client,
+        CLIENT_PORT = request.client_port,
+        "start requested"
+    );
+    match app.vms.start(profile, request.client_addr).await {
+        Ok(started) => {
+            tracing::info!(PROFILE = profile, CLIENT_ADDR = client, VM_IP = %started.ip, "start answered");
+            Json(serde_json::json!({ "vm_ip": started.ip.to_string(), "port": started.port }))
+                .into_response()
+        }
+        Err(why) => {
+            tracing::warn!(PROFILE = profile, CLIENT_ADDR = client, status = %why.status(), "start refused: {why}");
+            why.into_response()
+        }
+    }
+}
+
+async fn stop(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(refusal) = authorize(&app, &headers) {
+        return refusal.into_response();
+    }
+    let request: StopRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let profile = request.profile.as_deref();
+    let vm_ip = request.vm_ip.map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(
+        PROFILE = profile,
+        VM_IP = vm_ip,
+        IDLE_SECONDS = request.idle_seconds,
+        "stop requested"
+    );
+    match app
+        .vms
+        .stop(profile, request.client_addr, request.vm_ip)
+        .await
+    {
+        Ok(Stopped::AlreadyOff) => {
+            (StatusCode::OK, Json(serde_json::json!({ "status": "off" }))).into_response()
+        }
+        Ok(Stopped::Stopping) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "status": "stopping" })),
+        )
+            .into_response(),
+        Err(why) => {
+            tracing::warn!(PROFILE = profile, VM_IP = vm_ip, status = %why.status(), "stop refused: {why}");
+            why.into_response()
+        }
+    }
+}
+
+/// A request turned away before it reached a VM: bad token, bad body.
+struct Refusal(StatusCode, &'static str, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let Refusal(status, what, detail) = self;
+        (
+            status,
+            Json(serde_json::json!({ "error": format!("{what}{detail}") })),
+        )
+            .into_response()
+    }
+}
+
+fn authorize(app: &App, headers: &HeaderMap) -> Result<(), Refusal> {
+    let offered = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match offered {
+        Some(token) if app.token.matches(token) => Ok(()),
+        _ => {
+            tracing::warn!("refused a request without the right bearer token");
+            let why = "missing or wrong bearer token; the proxy's api_token_file must hold this API's token";
+            Err(Refusal(StatusCode::UNAUTHORIZED, why, String::new()))
+        }
+    }
+}
+
+/// The JSON body; an empty one (an API client that sends none) means no fields.
+fn parse<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, Refusal> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        let what = "the request body is not the JSON the proxy sends: ";
+        Refusal(StatusCode::BAD_REQUEST, what, e.to_string())
+    })
+}
+
+/// A listening socket of either kind.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// The sockets systemd passed (socket activation), else the one `listen` names.
+pub fn listeners(
+    passed: &mut listenfd::ListenFd,
+    listen: Option<&Listen>,
+) -> Result<Vec<Listener>> {
+    let mut found = Vec::new();
+    for index in 0..passed.len() {
+        if let Some(tcp) = passed
+            .take_tcp_listener(index)
+            .context("a socket from systemd")?
+        {
+            tcp.set_nonblocking(true)?;
+            found.push(Listener::Tcp(TcpListener::from_std(tcp)?));
+        } else if let Some(unix) = passed
+            .take_unix_listener(index)
+            .context("a socket from systemd")?
+        {
+            unix.set_nonblocking(true)?;
+            found.push(Listener::Unix(UnixListener::from_std(unix)?));
+        }
+    }
+    if !found.is_empty() {
+        return Ok(found);
+    }
+    match listen {
+        Some(Listen::Tcp(addr)) => {
+            let std = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("listening on {addr}"))?;
+            std.set_nonblocking(true)?;
+            Ok(vec![Listener::Tcp(TcpListener::from_std(std)?)])
+        }
+        Some(Listen::Unix(path)) => Ok(vec![Listener::Unix(bind_unix(path)?)]),
+        None => bail!(
+            "nothing to listen on: set listen in the configuration, pass --listen, or use the socket unit"
+        ),
+    }
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener> {
+    // A socket file left by an earlier run would make bind fail; anything else there is not ours to remove.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the old socket {}", path.display()))?;
+        }
+    }
+    UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))
+}
+
+/// Serves every listener until SIGTERM or SIGINT.
+pub async fn serve(app: Arc<App>, listeners: Vec<Listener>) -> Result<()> {
+    let router = router(app);
+    let mut tasks = tokio::task::JoinSet::new();
+    for listener in listeners {
+        let router = router.clone();
+        match listener {
+            Listener::Tcp(l) => {
+                tracing::info!(listen = %l.local_addr()?, "serving");
+                tasks.spawn(async move { axum::serve(l, router).await });
+            }
+            Listener::Unix(l) => {
+                tracing::info!(listen = ?l.local_addr()?.as_pathname(), "serving");
+                tasks.spawn(async move { axum::serve(l, router).await });
+            }
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: exiting"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: exiting"),
+        Some(ended) = tasks.join_next() => {
+            ended.context("a listener task")?.context("serving")?;
+        }
+    }
+    Ok(())
+}
