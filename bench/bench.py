@@ -10,7 +10,6 @@ import http.client
 import json
 import os
 import platform
-import select
 import shutil
 import signal
 import socket
@@ -21,242 +20,12 @@ import tempfile
 import threading
 import time
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(BENCH)
-PYTHON = "/usr/bin/python3"
-PROXYD = "/lib/systemd/systemd-socket-proxyd"
-CIPHER = "aes128-gcm@openssh.com"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-F_SETPIPE_SZ = 1031
-MiB = 1 << 20
-GiB = 1 << 30
-# What the daemons get as environment: nothing of the caller's (no proxies, no agent, no pyenv).
-DAEMON_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C", "SYSTEMD_LOG_LEVEL": "warning"}
-# Hands a listening socket, given as stdin, to a program as fd 3 with LISTEN_FDS=1 and the right
-# LISTEN_PID (the shell's own pid, which exec keeps): systemd's socket passing, without systemd.
-WITH_LISTEN_FD = 'exec 3<&0 </dev/null; LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"'
-
-
-class BenchError(Exception):
-    pass
-
-
-def log(message):
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- processes we start, and only those
-
-
-class Processes:
-    """Every long-lived process the benchmark starts, so that all of them (and their children, found
-    through /proc/PID/task/*/children) are stopped by PID at exit."""
-
-    def __init__(self):
-        self.started = []
-
-    def spawn(self, name, argv, **kwargs):
-        kwargs.setdefault("stdin", subprocess.DEVNULL)
-        kwargs.setdefault("stdout", subprocess.DEVNULL)
-        kwargs.setdefault("env", DAEMON_ENV)
-        # Own session: a CTRL-C reaches only the benchmark, which then stops everything in order.
-        proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
-        self.started.append((name, proc))
-        return proc
-
-    def stop_all(self):
-        victims = []
-        for _, proc in reversed(self.started):
-            if proc.poll() is None:
-                victims.extend(descendants(proc.pid))
-        for pid in victims:
-            signal_pid(pid, signal.SIGTERM)
-        for _, proc in reversed(self.started):
-            if proc.poll() is None:
-                proc.terminate()
-        for pid in victims:
-            if not wait_pid_gone(pid, 2.0):
-                signal_pid(pid, signal.SIGKILL)
-        for _, proc in reversed(self.started):
-            try:
-                proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.started.clear()
-
-
-def children(pid):
-    found = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                found.extend(int(c) for c in f.read().split())
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return found
-
-
-def descendants(pid):
-    found = []
-    for child in children(pid):
-        found.extend(descendants(child))
-        found.append(child)
-    return found
-
-
-def signal_pid(pid, sig):
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def wait_pid_gone(pid, timeout):
-    """Waits for a process that is not our child to exit, by its pidfd (an event, not a poll loop)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
-
-
-def drain(pipe, path, marker=None):
-    """Copies a child's output pipe to a log file in a thread. Returns an event that is set when a line
-    containing `marker` goes by (or at EOF, so that waiting never outlives the child)."""
-    seen = threading.Event()
-
-    def run():
-        with open(path, "ab") as out:
-            for line in iter(pipe.readline, b""):
-                out.write(line)
-                out.flush()
-                if marker and marker in line:
-                    seen.set()
-        seen.set()
-
-    threading.Thread(target=run, daemon=True).start()
-    return seen
-
-
-def tail(path, lines=15):
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:]).rstrip()
-    except FileNotFoundError:
-        return "(no output)"
-
-
-def listening_socket(host="127.0.0.1"):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((host, 0))
-    sock.listen(512)
-    return sock
-
-
-def free_port(host="127.0.0.1"):
-    """For tools that want a port number, not a socket (socat): bind port 0, close, hand the number on."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-# ---------------------------------------------------------------- /proc readings
-
-
-def read_tcp_table():
-    """inode -> ((local ip, port), (remote ip, port)) for IPv4 TCP sockets of this network namespace."""
-    def addr(text):
-        ip, port = text.split(":")
-        return socket.inet_ntoa(bytes.fromhex(ip)[::-1]), int(port, 16)
-
-    table = {}
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            table[int(fields[9])] = (addr(fields[1]), addr(fields[2]))
-    return table
-
-
-def socket_inodes(pid):
-    inodes = []
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.append(int(target[8:-1]))
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return inodes
-
-
-def serving_pid(candidates, ssh_pid):
-    """Which of `candidates` holds the accepted end of the ssh client `ssh_pid`'s TCP connection."""
-    table = read_tcp_table()
-    client_ends = {table[i][0] for i in socket_inodes(ssh_pid) if i in table}
-    for pid in candidates:
-        for inode in socket_inodes(pid):
-            if inode in table and table[inode][1] in client_ends:
-                return pid
-    return None
-
-
-def cpu_seconds(pid):
-    """utime + stime of the whole process (exited threads included)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def memory_kib(pid):
-    values = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                values[key] = int(rest.split()[0])
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    values["Pss"] = int(line.split()[1])
-    except FileNotFoundError:
-        pass
-    return values
-
-
-# ---------------------------------------------------------------- the peers
-
-
-class Peer:
-    def __init__(self, name, label, host, port, kind, proc=None):
-        self.name = name          # short key, used in JSON
-        self.label = label        # what the tables show
-        self.host, self.port = host, port
-        self.kind = kind          # direct | per-connection | socat | single-process
-        self.proc = proc          # the process we started for it
-        self.failed = None        # why it was dropped from the run, if it was
-
-    def proxy_pid(self, ssh_pid):
-        """The process that relays the ssh client `ssh_pid`'s connection, while that connection is open."""
-        if self.kind == "direct":
-            return None
-        if self.kind == "single-process":
-            # systemd-socket-proxyd: systemd-socket-activate (Accept=no) execs it in place, so the PID we
-            # started is the relay, serving every connection.
-            return self.proc.pid
-        # per-connection: a child of systemd-socket-activate; socat: a forked child of the socat we started
-        pid = serving_pid(children(self.proc.pid), ssh_pid)
-        if pid is None:
-            raise BenchError(f"{self.label}: found no child of PID {self.proc.pid} serving ssh PID {ssh_pid}")
-        return pid
+import scenarios
+from benchlib import (
+    BENCH, REPO, PYTHON, PROXYD, CIPHER, MiB, GiB, F_SETPIPE_SZ, WITH_LISTEN_FD, BenchError, log, Processes,
+    children, descendants, wait_pid_gone, drain, tail, listening_socket, free_port, cpu_seconds, memory_kib,
+    Peer, summary, ratio,
+)
 
 
 class Bench:
@@ -278,9 +47,6 @@ class Bench:
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"bench-{name}",
                             "-f", self.path(name)], check=True, stdin=subprocess.DEVNULL)
         shutil.copy(self.path("client_key.pub"), self.path("authorized_keys"))
-        self.start_sshd()
-        self.start_api()
-        self.start_peers()
 
     def path(self, name):
         return os.path.join(self.tmp, name)
@@ -334,56 +100,81 @@ class Bench:
         log(f"sshd 'VM' listening on {vm}:22 (PID {proc.pid})")
 
     def start_api(self):
+        self.api_url = self.start_api_for(self.args.vm_ip, "")
+
+    def start_api_for(self, vm, tag):
+        """A start API that answers {"vm_ip": vm} to every call; returns its URL."""
         sock = listening_socket()
-        self.api_url = f"http://127.0.0.1:{sock.getsockname()[1]}/start"
-        with open(self.path("start-api.log"), "wb") as err:
-            self.procs.spawn("start API", [PYTHON, os.path.join(BENCH, "peers", "start_api.py"),
-                                           str(sock.fileno()), self.args.vm_ip],
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/start"
+        with open(self.path(f"start-api{tag}.log"), "wb") as err:
+            self.procs.spawn("start API" + tag, [PYTHON, os.path.join(BENCH, "peers", "start_api.py"),
+                                                 str(sock.fileno()), vm],
                              pass_fds=[sock.fileno()], stderr=err)
         sock.close()  # the server holds it now, already listening: ready without waiting
-        log(f"start API at {self.api_url}")
+        log(f"start API at {url}, answering {vm}")
+        return url
 
     def start_peers(self):
-        vm = self.args.vm_ip
-        self.peers.append(Peer("direct", "direct", vm, 22, "direct"))
+        self.peers = self.relays_to(self.args.vm_ip, self.api_url, "")
 
-        def per_connection(name, label, argv):
+    def relays_to(self, vm, api_url, tag, callers_only=False):
+        """direct, and every relay of the comparison, to port 22 of `vm`; those that call a start API call
+        `api_url`. `callers_only`: only those. `tag` tells apart the processes and logs of several sets."""
+        peers = [] if callers_only else [Peer("direct", "direct", vm, 22, "direct")]
+
+        def per_connection(name, label, argv, accept=True):
             sock = listening_socket()
-            with open(self.path(f"{name}.log"), "wb") as err:
-                proc = self.procs.spawn(label, ["sh", "-c", WITH_LISTEN_FD, "sh", "systemd-socket-activate",
-                                               "-a", "--inetd", "--", *argv],
+            with open(self.path(f"{name}{tag}.log"), "wb") as err:
+                proc = self.procs.spawn(label + tag, ["sh", "-c", WITH_LISTEN_FD, "sh", "systemd-socket-activate",
+                                                      *(["-a", "--inetd"] if accept else []), "--", *argv],
                                         stdin=sock.fileno(), stderr=err)
-            self.peers.append(Peer(name, label, "127.0.0.1", sock.getsockname()[1], "per-connection", proc))
+            peers.append(Peer(name, label, "127.0.0.1", sock.getsockname()[1],
+                              "per-connection" if accept else "single-process", proc))
             sock.close()
 
         open(self.path("empty.toml"), "w").close()  # so that no /etc/ssh-on-demand/config.toml is read
-        per_connection("ssh-on-demand", "ssh-on-demand", [
-            self.args.binary, "--api-url", self.api_url, "--config", self.path("empty.toml"),
-            "--log-level", "warn", "--log-target", "stderr"])
+        options = ["--api-url", api_url, "--config", self.path("empty.toml"), "--log-level", "warn",
+                   "--log-target", "stderr"]
+        if self.args.state_dir_option:
+            # The VMs' shared state of this set of peers, in the scratch directory rather than /run.
+            os.makedirs(self.path(f"state{tag}"), exist_ok=True)
+            options += ["--state-dir", self.path(f"state{tag}")]
+        if self.args.vm_network_option:
+            # The bench's VMs are loopback addresses, which ssh-on-demand connects to only when told.
+            options += ["--vm-network", "127.0.0.0/8"]
+        per_connection("ssh-on-demand", "ssh-on-demand", [self.args.binary, *options])
+        if self.args.daemon:
+            # One long-lived process, its listening socket from systemd-socket-activate (Accept=no).
+            per_connection("daemon", "ssh-on-demand daemon", [self.args.binary, "daemon", *options], accept=False)
         per_connection("prototype", "python prototype", [
-            PYTHON, os.path.join(BENCH, "peers", "prototype.py"), self.api_url])
+            PYTHON, os.path.join(BENCH, "peers", "prototype.py"), api_url])
+        if callers_only:
+            return peers
 
         port = free_port()
-        proc = self.procs.spawn("socat", ["socat", "-d", "-d", f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr",
-                                          f"TCP:{vm}:22"], stderr=subprocess.PIPE)
-        ready = drain(proc.stderr, self.path("socat.log"), b"listening on")
+        proc = self.procs.spawn("socat" + tag, ["socat", "-d", "-d",
+                                                f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr",
+                                                f"TCP:{vm}:22"], stderr=subprocess.PIPE)
+        ready = drain(proc.stderr, self.path(f"socat{tag}.log"), b"listening on")
         ready.wait(10)
         peer = Peer("socat", "socat", "127.0.0.1", port, "socat", proc)
         if proc.poll() is not None or not ready.is_set():
-            peer.failed = f"socat did not start listening: {tail(self.path('socat.log'), 3)}"
-        self.peers.append(peer)
+            peer.failed = f"socat did not start listening: {tail(self.path(f'socat{tag}.log'), 3)}"
+        peers.append(peer)
 
         sock = listening_socket()
-        with open(self.path("proxyd.log"), "wb") as err:
-            proc = self.procs.spawn("systemd-socket-proxyd", [
+        with open(self.path(f"proxyd{tag}.log"), "wb") as err:
+            proc = self.procs.spawn("systemd-socket-proxyd" + tag, [
                 "sh", "-c", WITH_LISTEN_FD, "sh", "systemd-socket-activate", "--", PROXYD, f"{vm}:22"],
                 stdin=sock.fileno(), stderr=err)
-        self.peers.append(Peer("proxyd", "systemd-socket-proxyd", "127.0.0.1", sock.getsockname()[1],
-                               "single-process", proc))
+        peers.append(Peer("proxyd", "systemd-socket-proxyd", "127.0.0.1", sock.getsockname()[1],
+                          "single-process", proc))
         sock.close()
 
-        for peer in self.peers:
-            log(f"peer {peer.label:<22} {peer.host}:{peer.port}" + (f" (PID {peer.proc.pid})" if peer.proc else ""))
+        for peer in peers:
+            log(f"peer {peer.label:<22} {peer.host}:{peer.port} -> {vm}:22"
+                + (f" (PID {peer.proc.pid})" if peer.proc else ""))
+        return peers
 
     # ------------------------------------------------------------ ssh
 
@@ -648,20 +439,30 @@ class Bench:
     def run(self):
         started = time.perf_counter()
         self.setup()
-        self.warm_up()
-        self.measure_api()
-        self.measure_half_close()
-        self.measure_memory()          # before the bulk runs, so long-lived relays show a one-session peak
-        self.measure_ident()
-        self.measure_latency()
-        self.measure_throughput()
-        for peer in self.peers:
-            if peer.failed:
-                self.result(peer)["failed"] = peer.failed
+        only = set(self.args.only.split(","))
+        if "ssh" in only:
+            self.start_sshd()
+            self.start_api()
+            self.start_peers()
+            self.warm_up()
+            self.measure_api()
+            self.measure_half_close()
+            self.measure_memory()      # before the bulk runs, so long-lived relays show a one-session peak
+            self.measure_ident()
+            self.measure_latency()
+            self.measure_throughput()
+            for peer in self.peers:
+                if peer.failed:
+                    self.result(peer)["failed"] = peer.failed
+        for name in ("raw", "readiness", "storm"):
+            if name in only:
+                self.results[name] = getattr(scenarios, name if name != "raw" else "raw_relay")(self)
         self.results["config"] = {
             "runs": self.args.runs, "ident_runs": self.args.ident_runs, "mib": self.args.mib,
             "reps": self.args.reps, "cipher": CIPHER, "vm": f"{self.args.vm_ip}:22",
-            "binary": self.args.binary, "goal_ms": self.args.goal_ms,
+            "binary": self.args.binary, "goal_ms": self.args.goal_ms, "only": self.args.only,
+            "raw_mib": self.args.raw_mib, "readiness_runs": self.args.readiness_runs,
+            "storm_clients": self.args.storm_clients, "daemon": self.args.daemon,
         }
         self.results["environment"] = environment(self.args)
         self.results["duration_s"] = time.perf_counter() - started
@@ -669,6 +470,7 @@ class Bench:
 
     def cleanup(self):
         self.procs.stop_all()
+        scenarios.remove_nft_table()
         if self.made_run_sshd:
             try:
                 os.rmdir("/run/sshd")
@@ -744,20 +546,6 @@ def ident_time(host, port):
     return (time.perf_counter() - start) * 1000
 
 
-# ---------------------------------------------------------------- reporting
-
-
-def percentile(ordered, q):
-    return ordered[max(0, -(-q * len(ordered) // 100) - 1)]  # nearest rank
-
-
-def summary(samples):
-    ordered = sorted(samples)
-    return {"median": statistics.median(ordered), "mean": statistics.fmean(ordered),
-            "p10": percentile(ordered, 10), "p90": percentile(ordered, 90), "min": ordered[0],
-            "max": ordered[-1], "samples": samples}
-
-
 def environment(args):
     def first_line(argv):
         try:
@@ -782,23 +570,12 @@ def environment(args):
     }
 
 
-def ratio(value, reference):
-    if value is None or not reference:
-        return "-"
-    return f"{value / reference:.2f}x"
-
-
 def render(results, args):
-    peers = results["peers"]
-    sod = peers["ssh-on-demand"]
     env = results["environment"]
     lines = []
     add = lines.append
     add(f"ssh-on-demand benchmark: {env['cpus']} CPUs ({env['cpu_model']}), Linux {env['kernel']}, "
         f"{env['openssh'].split(',')[0]}")
-    add(f"VM: sshd on {args.vm_ip}:22, already running (warm). Start API: local Python http.server, "
-        f"{results['start_api_ms']['median']:.2f} ms median per POST (fresh connection, Python client).")
-    add("Ratios are value / ssh-on-demand's value. 'vs direct' is the difference from plain ssh to the VM.")
     load = results["environment"]["loadavg_at_start"]
     if load > 0.5:
         add(f"WARNING: the machine was busy when the run started (load average {load:.2f}): expect noise.")
@@ -816,6 +593,19 @@ def render(results, args):
             add(row(r, widths))
         add("")
 
+    if "peers" in results:
+        render_ssh(results, args, add, table)
+    scenarios.render(results, add, table)
+    return "\n".join(lines)
+
+def render_ssh(results, args, add, table):
+    """The tables of the scenarios through real ssh sessions to sshd."""
+    peers = results["peers"]
+    sod = peers["ssh-on-demand"]
+    add(f"VM: sshd on {args.vm_ip}:22, already running (warm). Start API: local Python http.server, "
+        f"{results['start_api_ms']['median']:.2f} ms median per POST (fresh connection, Python client).")
+    add("Ratios are value / ssh-on-demand's value. 'vs direct' is the difference from plain ssh to the VM.")
+    add("")
     direct = peers["direct"]
     rows = []
     for name, p in peers.items():
@@ -891,8 +681,7 @@ def render(results, args):
         f"Run took {results['duration_s']:.0f} s.)")
     for retry in results.get("retries", []):
         add(f"NOTE: one measurement failed and was repeated: {retry}")
-    return "\n".join(lines)
-
+    add("")
 
 # ---------------------------------------------------------------- main
 
@@ -918,6 +707,18 @@ def main():
     parser.add_argument("--binary", default=os.environ.get("BENCH_BINARY",
                                                            os.path.join(REPO, "target", "release", "ssh-on-demand")))
     parser.add_argument("--sshd", default=shutil.which("sshd", path="/usr/sbin:/usr/bin:/sbin:/bin") or "/usr/sbin/sshd")
+    parser.add_argument("--raw-mib", type=int, default=env_default("BENCH_RAW_MIB", 1024),
+                        help="MiB each way per raw TCP relay transfer (env BENCH_RAW_MIB, default 1024)")
+    parser.add_argument("--readiness-runs", type=int, default=env_default("BENCH_READINESS_RUNS", 12),
+                        help="boots per peer and kind of closed port (env BENCH_READINESS_RUNS, default 12)")
+    parser.add_argument("--open-after-ms", type=int, default=200,
+                        help="the VM's port opens this long (+0-40 ms) after the start API call (default 200)")
+    parser.add_argument("--storm-clients", type=int, default=100)
+    parser.add_argument("--storm-boot-s", type=float, default=3.0)
+    parser.add_argument("--idle-sessions", type=int, default=200,
+                        help="idle sessions held at once to measure a one-process relay's memory (default 200)")
+    parser.add_argument("--only", default=os.environ.get("BENCH_ONLY", "ssh,raw,readiness,storm"),
+                        help="comma-separated scenarios to run: ssh,raw,readiness,storm (env BENCH_ONLY)")
     parser.add_argument("--goal-ms", type=float, default=2.0)
     parser.add_argument("--session-timeout", type=float, default=300.0)
     parser.add_argument("--json", default=os.path.join(BENCH, "results", "latest.json"))
@@ -926,6 +727,11 @@ def main():
     if not args.vm_ip.startswith("127.") or args.runs < 1 or args.reps < 1 or args.mib < 1 or args.ident_runs < 1:
         parser.error("--vm-ip must be in 127.0.0.0/8 and the counts positive")
     args.binary = os.path.abspath(args.binary)
+    # The daemon mode joins the comparison once the binary has it.
+    help_text = subprocess.run([args.binary, "--help"], capture_output=True, text=True).stdout
+    args.daemon = any(line.split()[:1] == ["daemon"] for line in help_text.splitlines())
+    args.state_dir_option = "--state-dir" in help_text
+    args.vm_network_option = "--vm-network" in help_text
     args.loadavg_at_start = os.getloadavg()[0]
 
     def stop(signum, _frame):

@@ -1,0 +1,484 @@
+"""The scenarios without ssh in the path: the relay at line rate, a VM that boots while the client waits,
+and a storm of clients during one boot. See bench/README.md.
+
+Each "VM" here is a loopback address with a tiny server on port 22 that sends an SSH identification
+line at once (peers/rawpeer.py for bulk transfers; a thread of this process for readiness and the storm),
+so that what is measured is the relays and the proxies, not sshd's own start-up per connection.
+"""
+import http.server
+import json
+import os
+import random
+import selectors
+import socket
+import statistics
+import subprocess
+import threading
+import time
+
+from benchlib import (
+    BENCH, PYTHON, GiB, MiB, BenchError, children, listening_socket, log, ratio, summary, wait_pid_gone,
+    cpu_seconds, memory_kib,
+)
+
+RAW_VM = "127.0.0.78"
+REFUSING_VM = "127.0.0.79"
+DROPPING_VM = "127.0.0.80"
+STORM_VM = "127.0.0.81"
+NFT_TABLE = "ssh_on_demand_bench"
+BANNER = b"SSH-2.0-OpenSSH_9.2p1 bench-vm\r\n"
+CALLERS = ("ssh-on-demand", "daemon", "prototype")
+
+
+def quiesce(peer):
+    """Waits (on pidfds) until the per-connection processes of `peer` have exited."""
+    if peer.kind in ("per-connection", "socat"):
+        for pid in children(peer.proc.pid):
+            wait_pid_gone(pid, 10)
+
+
+def read_line(sock):
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            raise BenchError(f"closed after {data!r}")
+        data += chunk
+    return data
+
+
+# ---------------------------------------------------------------- raw TCP relay at line rate
+
+
+def raw_relay(bench):
+    """1 GiB each way at once through every relay, and the memory an idle session costs a one-process relay."""
+    args = bench.args
+    sock = listening_socket(RAW_VM, 22)
+    vm = bench.procs.spawn("raw VM", [PYTHON, os.path.join(BENCH, "peers", "rawpeer.py"), "vm",
+                                      str(sock.fileno())], pass_fds=[sock.fileno()])
+    sock.close()
+    log(f"raw VM on {RAW_VM}:22 (PID {vm.pid})")
+    api = bench.start_api_for(RAW_VM, "raw")
+    peers = [p for p in bench.relays_to(RAW_VM, api, "-raw") if not p.failed]
+    nbytes = args.raw_mib * MiB
+    for peer in peers:  # untimed: the first transfers after start-up run slower for every peer alike
+        transfer(peer, nbytes // 4)
+    runs = {p.name: [] for p in peers}
+    for rep in range(args.reps):
+        k = rep % len(peers)
+        for peer in peers[k:] + peers[:k]:
+            runs[peer.name].append(transfer(peer, nbytes))
+        log(f"raw relay: repetition {rep + 1}/{args.reps}")
+    out = {}
+    for peer in peers:
+        rs = runs[peer.name]
+        rates = [2 * nbytes / r["seconds"] / GiB for r in rs]
+        out[peer.name] = {"label": peer.label, "gib_s": statistics.median(rates),
+                          "spread": (max(rates) - min(rates)) / statistics.median(rates), "runs": rs}
+        if peer.kind != "direct":
+            out[peer.name]["cpu_s_per_gib"] = sum(r["cpu_s"] for r in rs) / (len(rs) * 2 * nbytes / GiB)
+    for peer in peers:
+        if peer.kind == "single-process":
+            out[peer.name]["idle_session_kib"] = idle_session_memory(peer, args.idle_sessions)
+    return {"mib_each_way": args.raw_mib, "reps": args.reps, "peers": out}
+
+
+def transfer(peer, nbytes):
+    client = subprocess.Popen([PYTHON, os.path.join(BENCH, "peers", "rawpeer.py"), "client", peer.host,
+                               str(peer.port), str(nbytes)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        if client.stdout.readline().strip() != "ready":
+            raise BenchError(f"raw relay through {peer.label}: no identification line")
+        pid = peer.proxy_pid(client.pid)
+        before = cpu_seconds(pid) if pid else 0.0
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        line = client.stdout.readline()
+        if not line:
+            raise BenchError(f"raw relay through {peer.label} failed")
+        seconds = json.loads(line)["seconds"]
+        cpu = cpu_seconds(pid) - before if pid else 0.0
+    finally:
+        client.stdin.close()
+        client.wait(timeout=60)
+        quiesce(peer)
+    return {"seconds": seconds, "cpu_s": cpu}
+
+
+def idle_session_memory(peer, count):
+    """RSS growth of a one-process relay per idle session, with `count` sessions open at once."""
+    def rss():
+        return memory_kib(peer.proc.pid)["VmRSS"]
+
+    warm = [open_session(peer) for _ in range(10)]  # first sessions grow allocator pools once
+    for s in warm:
+        s.close()
+    time.sleep(0.5)  # let the relay notice those closes before the baseline is read
+    before = rss()
+    sessions = [open_session(peer) for _ in range(count)]
+    after = rss()
+    for s in sessions:
+        s.close()
+    growth = (after - before) / count
+    log(f"idle sessions {peer.label:<22} {count} open: RSS {before} -> {after} KiB, {growth:.1f} KiB each")
+    return growth
+
+
+def open_session(peer):
+    sock = socket.create_connection((peer.host, peer.port), timeout=30)
+    sock.sendall(b"SSH-2.0-bench\r\n")
+    read_line(sock)
+    return sock
+
+
+# ---------------------------------------------------------------- a VM that boots while clients wait
+
+
+class StartApi(http.server.ThreadingHTTPServer):
+    """A start API in this process, so that the moment of each call is known: answers {"vm_ip": vm_ip}."""
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self, vm_ip):
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.vm_ip = vm_ip
+        self.calls = []
+        self.called = threading.Condition()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}/start"
+
+    def first_call(self, timeout=30):
+        with self.called:
+            if not self.called.wait_for(lambda: self.calls, timeout):
+                raise BenchError("the start API was not called")
+            return self.calls[0]
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def do_POST(self):
+        with self.server.called:
+            self.server.calls.append(time.perf_counter())
+            self.server.called.notify_all()
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.dumps({"vm_ip": self.server.vm_ip}).encode()
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+
+    def log_message(self, *args):
+        pass
+
+
+class BannerVm:
+    """Port 22 of `ip`, answered as sshd answers: the identification line at once, then whatever comes until
+    the client closes, then close. One thread accepts and sends the line; another closes what ended."""
+
+    def __init__(self, ip):
+        self.ip, self.listener = ip, None
+        self.watch = selectors.DefaultSelector()
+        self.lock = threading.Lock()  # registering, unregistering and closing, never held while waiting
+        threading.Thread(target=self.close_ended, daemon=True).start()
+
+    def open(self):
+        self.listener = listening_socket(self.ip, 22)
+        opened = time.perf_counter()
+        threading.Thread(target=self.serve, args=(self.listener,), daemon=True).start()
+        return opened
+
+    def serve(self, listener):
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.sendall(BANNER)
+                conn.setblocking(False)
+                with self.lock:
+                    self.watch.register(conn, selectors.EVENT_READ)
+            except (OSError, ValueError, KeyError):
+                conn.close()
+
+    def close_ended(self):
+        while True:
+            if not self.watch.get_map():
+                time.sleep(0.01)  # nothing registered: select() on an empty set would return at once
+                continue
+            try:
+                ready = self.watch.select(timeout=0.1)
+            except (OSError, ValueError, RuntimeError):
+                continue
+            for key, _ in ready:
+                with self.lock:
+                    if key.fileobj.fileno() < 0 or self.watch.get_map().get(key.fd) is not key:
+                        continue  # closed meanwhile
+                    try:
+                        if key.fileobj.recv(65536):
+                            continue
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        pass
+                    self.watch.unregister(key.fileobj)
+                    key.fileobj.close()
+
+    def close(self):
+        if self.listener:
+            # Wakes the thread blocked in accept() and stops listening; close() alone would leave the socket
+            # listening until that accept() returned, answering the next "closed" port.
+            try:
+                self.listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.listener.close()
+            self.listener = None
+        with self.lock:
+            for key in list(self.watch.get_map().values()):
+                self.watch.unregister(key.fileobj)
+                key.fileobj.close()
+
+
+class SynDrop:
+    """An nftables rule that drops the SYNs to port 22 of `ip`, in a table of the benchmark's own, switched
+    through one `nft -i` process: starting nft for each change would take milliseconds of unknown length."""
+
+    def __init__(self, ip):
+        self.rule = f"add rule ip {NFT_TABLE} input ip daddr {ip} tcp dport 22 tcp flags & (syn | ack) == syn drop"
+        self.nft = subprocess.Popen(["nft", "-i"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self.command(f"add table ip {NFT_TABLE}")
+        self.command(f"add chain ip {NFT_TABLE} input {{ type filter hook input priority -10; }}")
+        self.command(self.rule)
+
+    def command(self, command):
+        """Runs `command`; returns the time it was sent, once nft has carried it out."""
+        sent = time.perf_counter()
+        self.nft.stdin.write(f"{command}\nlist table ip {NFT_TABLE}\n")
+        self.nft.stdin.flush()
+        output = []
+        while True:  # the listing after it ends with a lone "}"; nft runs commands in order
+            line = self.nft.stdout.readline()
+            if not line:
+                raise BenchError(f"nft exited: {''.join(output)}")
+            if line.startswith("Error"):
+                raise BenchError(f"nft {command}: {line.strip()}")
+            output.append(line)
+            if line.rstrip("\n") == "}":
+                return sent
+
+    def lift(self):
+        return self.command(f"flush chain ip {NFT_TABLE} input")
+
+    def restore(self):
+        self.command(self.rule)
+
+    def close(self):
+        self.nft.stdin.close()
+        self.nft.wait(10)
+        remove_nft_table()
+
+
+def remove_nft_table():
+    subprocess.run(["nft", "delete", "table", "ip", NFT_TABLE], capture_output=True)
+
+
+class Client(threading.Thread):
+    """One SSH client's view: connects, sends its identification, and notes when the VM's line arrives."""
+
+    def __init__(self, peer, timeout=30):
+        super().__init__(daemon=True)
+        self.peer, self.timeout, self.banner_at, self.error, self.sock = peer, timeout, None, None, None
+
+    def run(self):
+        try:
+            self.sock = socket.create_connection((self.peer.host, self.peer.port), timeout=self.timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock.sendall(b"SSH-2.0-bench\r\n")
+            line = read_line(self.sock)
+            self.banner_at = time.perf_counter()
+            if line != BANNER:
+                self.error = f"got {line!r}"
+        except (OSError, BenchError) as e:
+            self.error = str(e)
+
+    def close(self):
+        if self.sock:
+            self.sock.close()
+
+
+def readiness(bench):
+    """Lag from the VM's port opening to its identification line reaching the client, while the port
+    refuses before, and while the VM drops SYNs before."""
+    args = bench.args
+    api = StartApi(REFUSING_VM)
+    peers = [p for p in bench.relays_to(REFUSING_VM, api.url, "-ready", callers_only=True) if not p.failed]
+    out = {p.name: {"label": p.label} for p in peers}
+    drop = SynDrop(DROPPING_VM)
+    dropping = BannerVm(DROPPING_VM)
+    dropping.open()
+    try:
+        for mode, ip in (("refused", REFUSING_VM), ("dropped", DROPPING_VM)):
+            api.vm_ip = ip
+            lags = {p.name: [] for p in peers}
+            for i in range(args.readiness_runs):
+                for peer in peers:
+                    lags[peer.name].append(ready_lag(peer, api, mode, args.open_after_ms, drop))
+            for peer in peers:
+                out[peer.name][mode] = summary(lags[peer.name])
+            log(f"readiness, {mode}: " + ", ".join(
+                f"{p.label} p50 {out[p.name][mode]['median']:.1f} ms" for p in peers))
+    finally:
+        dropping.close()
+        drop.close()
+    return {"runs": args.readiness_runs, "open_after_ms": args.open_after_ms, "peers": out}
+
+
+def ready_lag(peer, api, mode, open_after_ms, drop):
+    with api.called:
+        api.calls.clear()
+    refusing = BannerVm(REFUSING_VM)
+    client = Client(peer)
+    client.start()
+    try:
+        called = api.first_call()
+        # Jitter, so that the opening does not keep one phase with a proxy's retry period.
+        time.sleep(max(0.0, called + (open_after_ms + random.uniform(0, 40)) / 1000 - time.perf_counter()))
+        if mode == "refused":
+            opened = refusing.open()
+        else:
+            opened = drop.lift()
+        client.join(30)
+        if client.banner_at is None:
+            raise BenchError(f"readiness via {peer.label} ({mode}): {client.error or 'no banner'}")
+        return (client.banner_at - opened) * 1000
+    finally:
+        client.close()
+        refusing.close()
+        if mode == "dropped":
+            drop.restore()
+        quiesce(peer)
+
+
+def storm(bench):
+    """`storm_clients` clients at once while the VM boots for `storm_boot_s` from the first start call."""
+    args = bench.args
+    api = StartApi(STORM_VM)
+    peers = [p for p in bench.relays_to(STORM_VM, api.url, "-storm", callers_only=True) if not p.failed]
+    out = {}
+    for peer in peers:
+        with api.called:
+            api.calls.clear()
+        vm = BannerVm(STORM_VM)
+        clients = [Client(peer, timeout=args.storm_boot_s + 60) for _ in range(args.storm_clients)]
+        for c in clients:
+            c.start()
+        try:
+            first = api.first_call()
+            time.sleep(max(0.0, first + args.storm_boot_s - time.perf_counter()))
+            up = vm.open()
+            for c in clients:
+                c.join(args.storm_boot_s + 60)
+            served = [c.banner_at - up for c in clients if c.banner_at is not None]
+            out[peer.name] = {
+                "label": peer.label, "start_calls": len(api.calls), "served": len(served),
+                "last_banner_s": max(served) if served else None,
+                "median_banner_s": statistics.median(served) if served else None,
+                "errors": sorted({c.error for c in clients if c.error})[:3],
+            }
+            log(f"storm {peer.label:<22} {len(api.calls)} start calls, {len(served)}/{len(clients)} served, "
+                f"last banner {max(served) if served else float('nan'):.3f} s after the VM was up")
+        finally:
+            for c in clients:
+                c.close()
+            vm.close()
+            quiesce(peer)
+    return {"clients": args.storm_clients, "boot_s": args.storm_boot_s, "peers": out}
+
+
+# ---------------------------------------------------------------- tables
+
+
+def render(results, add, table):
+    raw = results.get("raw")
+    if raw:
+        peers, ref = raw["peers"], raw["peers"].get("proxyd", {})
+        rows = []
+        for p in peers.values():
+            cpu = p.get("cpu_s_per_gib")
+            rows.append([p["label"], f"{p['gib_s']:.2f}", f"{100 * p['spread']:.0f}%",
+                         ratio(p["gib_s"], ref.get("gib_s")),
+                         "-" if cpu is None else f"{cpu:.3f}", ratio(cpu, ref.get("cpu_s_per_gib")),
+                         "-" if "idle_session_kib" not in p else f"{p['idle_session_kib']:.1f}"])
+        table(f"Raw TCP relay: {raw['mib_each_way']} MiB each way at once (no ssh in the path), median of "
+              f"{raw['reps']}; GiB/s = both directions together; CPU = utime+stime of the relaying process per "
+              f"GiB relayed; ratios against systemd-socket-proxyd; idle KiB = RSS growth per idle session of a "
+              f"one-process relay",
+              ["peer", "GiB/s", "spread", "vs proxyd", "CPU s/GiB", "vs proxyd", "idle KiB"], rows)
+        sod = peers.get("ssh-on-demand")
+        if sod and ref:
+            fast = sod["gib_s"] / ref["gib_s"]
+            cheap = sod["cpu_s_per_gib"] / ref["cpu_s_per_gib"]
+            add(f"Targets (issue 10): throughput >= 1.2x proxyd: {fast:.2f}x, {'MET' if fast >= 1.2 else 'NOT MET'}; "
+                f"CPU per GiB <= 0.8x proxyd: {cheap:.2f}x, {'MET' if cheap <= 0.8 else 'NOT MET'}.")
+            add("")
+    ready = results.get("readiness")
+    if ready:
+        rows = [[p["label"], f"{p['refused']['median']:.1f}", f"{p['refused']['p90']:.1f}",
+                 f"{p['refused']['max']:.1f}", f"{p['dropped']['median']:.1f}", f"{p['dropped']['p90']:.1f}",
+                 f"{p['dropped']['max']:.1f}"] for p in ready["peers"].values()]
+        table(f"Readiness lag: the VM's port opens ~{ready['open_after_ms']} ms (+0-40 ms jitter) after the start "
+              f"API call -> its identification line reaches the client (ms), {ready['runs']} runs each; before "
+              f"that the port refuses (RST), or the VM drops SYNs (nftables)",
+              ["peer", "refused p50", "p90", "max", "dropped p50", "p90", "max"], rows)
+        sod = ready["peers"].get("ssh-on-demand")
+        if sod:
+            met = all(sod[m]["median"] <= 25 and sod[m]["p90"] <= 50 for m in ("refused", "dropped"))
+            add(f"Target (issue 10): p50/p90 <= 25/50 ms in both cases: {'MET' if met else 'NOT MET'} for "
+                f"ssh-on-demand.")
+            add("")
+    daemon_targets(results, add)
+    storm_results = results.get("storm")
+    if storm_results:
+        rows = [[p["label"], p["start_calls"], f"{p['served']}/{storm_results['clients']}",
+                 "-" if p["median_banner_s"] is None else f"{p['median_banner_s']:.3f}",
+                 "-" if p["last_banner_s"] is None else f"{p['last_banner_s']:.3f}"]
+                for p in storm_results["peers"].values()]
+        table(f"Storm: {storm_results['clients']} clients at once while the VM boots for "
+              f"{storm_results['boot_s']:g} s from the first start call; times from the VM's port opening to "
+              f"each client's VM identification line (s)",
+              ["peer", "start calls", "served", "median", "last"], rows)
+        sod = storm_results["peers"].get("ssh-on-demand")
+        if sod and sod["last_banner_s"] is not None:
+            met = sod["last_banner_s"] <= 0.05 and sod["served"] == storm_results["clients"]
+            add(f"Target (issue 10): last client's banner <= 0.05 s after the VM is up: {sod['last_banner_s']:.3f} s, "
+                f"{'MET' if met else 'NOT MET'} for ssh-on-demand.")
+            add("")
+
+
+def daemon_targets(results, add):
+    """Issue 7's targets for the daemon mode, from whichever scenarios ran."""
+    lines = []
+    ssh = results.get("peers", {})
+    if "daemon" in ssh and "direct" in ssh:
+        over = ssh["daemon"]["vm_ident_ms"]["median"] - ssh["direct"]["vm_ident_ms"]["median"]
+        lines.append(f"connect -> VM identification within 0.3 ms of direct at the median: {over:+.2f} ms, "
+                     f"{'MET' if over <= 0.3 else 'NOT MET'}")
+    raw = results.get("raw", {}).get("peers", {})
+    if "daemon" in raw:
+        kib = raw["daemon"].get("idle_session_kib")
+        if kib is not None:
+            lines.append(f"memory per idle session <= 64 KiB: {kib:.1f} KiB, {'MET' if kib <= 64 else 'NOT MET'}")
+        if "ssh-on-demand" in raw:
+            d, p = raw["daemon"]["cpu_s_per_gib"], raw["ssh-on-demand"]["cpu_s_per_gib"]
+            lines.append(f"relay CPU per GiB no worse than per-connection: {d:.3f} against {p:.3f} s, "
+                         f"{'MET' if d <= p else 'NOT MET'}")
+    if lines:
+        add("Daemon targets (issue 7): " + "; ".join(lines) + ".")
+        add("")
