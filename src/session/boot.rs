@@ -56,9 +56,12 @@ impl Boot<'_> {
             tokio::pin!(address);
             loop {
                 tokio::select! {
-                    started = &mut address => break started?,
+                    // The guess first: its SYN leaves before the shared state is written for the start call,
+                    // which would otherwise delay it.
+                    biased;
                     ready = async { early.as_mut().expect("guarded").await },
                         if early.is_some() && early_ready.is_none() => early_ready = Some(ready),
+                    started = &mut address => break started?,
                 }
             }
         };
