@@ -2,7 +2,8 @@
 and a storm of clients during one boot. See bench/README.md.
 
 Each "VM" here is a loopback address with a tiny server on port 22 that sends an SSH identification
-line at once (peers/rawpeer.py for bulk transfers; a thread of this process for readiness and the storm),
+line at once (peers/rawpeer.py for bulk transfers, peers/stormpeer.py for the storm, a thread of this
+process for readiness),
 so that what is measured is the relays and the proxies, not sshd's own start-up per connection.
 """
 import http.server
@@ -367,37 +368,48 @@ def ready_lag(peer, api, mode, open_after_ms, drop):
 
 
 def storm(bench):
-    """`storm_clients` clients at once while the VM boots for `storm_boot_s` from the first start call."""
+    """`storm_clients` clients at once while the VM boots for `storm_boot_s` from the first start call. The
+    clients and the VM are processes of their own (peers/stormpeer.py), each one epoll loop."""
     args = bench.args
     api = StartApi(STORM_VM)
     peers = [p for p in bench.relays_to(STORM_VM, api.url, "-storm", callers_only=True) if not p.failed]
+    peer_script = os.path.join(BENCH, "peers", "stormpeer.py")
     out = {}
     for peer in peers:
         with api.called:
             api.calls.clear()
-        vm = BannerVm(STORM_VM)
-        clients = [Client(peer, timeout=args.storm_boot_s + 60) for _ in range(args.storm_clients)]
-        for c in clients:
-            c.start()
+        ours, theirs = socket.socketpair()
+        vm = bench.procs.spawn("storm VM", [PYTHON, peer_script, "vm", str(theirs.fileno())],
+                               pass_fds=[theirs.fileno()])
+        theirs.close()
+        clients = bench.procs.spawn(
+            "storm clients",
+            [PYTHON, peer_script, "clients", peer.host, str(peer.port), str(args.storm_clients),
+             str(args.storm_boot_s + 60)],
+            stdout=subprocess.PIPE)
         try:
             first = api.first_call()
             time.sleep(max(0.0, first + args.storm_boot_s - time.perf_counter()))
-            up = vm.open()
-            for c in clients:
-                c.join(args.storm_boot_s + 60)
-            served = [c.banner_at - up for c in clients if c.banner_at is not None]
+            listener = listening_socket(STORM_VM, 22)
+            up = time.monotonic()
+            socket.send_fds(ours, [b"L"], [listener.fileno()])
+            listener.close()
+            result = json.loads(clients.communicate(timeout=args.storm_boot_s + 90)[0] or b"{}")
+            served = [at - up for at in result.get("banner_at", [])]
             out[peer.name] = {
                 "label": peer.label, "start_calls": len(api.calls), "served": len(served),
                 "last_banner_s": max(served) if served else None,
                 "median_banner_s": statistics.median(served) if served else None,
-                "errors": sorted({c.error for c in clients if c.error})[:3],
+                "errors": sorted(set(result.get("errors", [])))[:3],
             }
-            log(f"storm {peer.label:<22} {len(api.calls)} start calls, {len(served)}/{len(clients)} served, "
+            log(f"storm {peer.label:<22} {len(api.calls)} start calls, {len(served)}/{args.storm_clients} served, "
                 f"last banner {max(served) if served else float('nan'):.3f} s after the VM was up")
         finally:
-            for c in clients:
-                c.close()
-            vm.close()
+            if clients.poll() is None:
+                clients.kill()
+                clients.wait()
+            ours.close()
+            vm.wait(10)
             quiesce(peer)
     return {"clients": args.storm_clients, "boot_s": args.storm_boot_s, "peers": out}
 
