@@ -33,6 +33,40 @@ const KEEPALIVE_PROBES: u32 = 6;
 /// has no keep-alive.
 pub const USER_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Which end of the relay failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Vm,
+}
+
+/// How a relay failed: which end, and what the kernel said. An operator reading "connection timed out"
+/// must know whether the user's network or the VM went away.
+#[derive(Debug, thiserror::Error)]
+#[error("{} failed: {source}", match .side { Side::Client => "the client's connection", Side::Vm => "the VM's connection" })]
+pub struct RelayError {
+    pub side: Side,
+    #[source]
+    pub source: io::Error,
+}
+
+/// A failure of one direction, before it is known which end that is.
+enum Failed {
+    /// Reading from the sending end.
+    Reading(io::Error),
+    /// Writing to (or half-closing) the receiving end.
+    Writing(io::Error),
+}
+
+impl Failed {
+    fn on(self, from: Side, to: Side) -> RelayError {
+        match self {
+            Failed::Reading(source) => RelayError { side: from, source },
+            Failed::Writing(source) => RelayError { side: to, source },
+        }
+    }
+}
+
 /// Bytes that went each way, the pre-relay buffers included.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Transferred {
@@ -48,7 +82,7 @@ pub async fn relay(
     vm: &mut TcpStream,
     to_vm: &[u8],
     to_client: &[u8],
-) -> (Transferred, io::Result<()>) {
+) -> (Transferred, Result<(), RelayError>) {
     tune(client, None);
     let vm_keepalive = TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
@@ -58,8 +92,16 @@ pub async fn relay(
     let mut transferred = Transferred::default();
     let (client, vm) = (&*client, &*vm);
     let result = tokio::try_join!(
-        one_way(to_vm, client, vm, &mut transferred.to_vm),
-        one_way(to_client, vm, client, &mut transferred.to_client),
+        async {
+            one_way(to_vm, client, vm, &mut transferred.to_vm)
+                .await
+                .map_err(|e| e.on(Side::Client, Side::Vm))
+        },
+        async {
+            one_way(to_client, vm, client, &mut transferred.to_client)
+                .await
+                .map_err(|e| e.on(Side::Vm, Side::Client))
+        },
     );
     (transferred, result.map(|_| ()))
 }
@@ -71,7 +113,7 @@ async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
     count: &mut u64,
-) -> io::Result<()> {
+) -> Result<(), Failed> {
     write_all(to, first, count).await?;
     #[cfg(any(target_os = "linux", target_os = "android"))]
     let spliced = splice::pump(from, to, count).await?;
@@ -80,19 +122,21 @@ async fn one_way(
     if !spliced {
         copy(from, to, count).await?;
     }
-    SockRef::from(to).shutdown(Shutdown::Write)
+    SockRef::from(to)
+        .shutdown(Shutdown::Write)
+        .map_err(Failed::Writing)
 }
 
 /// The portable way: read into a buffer, write it out.
-async fn copy(from: &TcpStream, to: &TcpStream, count: &mut u64) -> io::Result<()> {
+async fn copy(from: &TcpStream, to: &TcpStream, count: &mut u64) -> Result<(), Failed> {
     let mut buf = vec![0u8; BUFFER_SIZE];
     loop {
-        from.readable().await?;
+        from.readable().await.map_err(Failed::Reading)?;
         let n = match from.try_read(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(Failed::Reading(e)),
         };
         if n < QUICK_ACK_BELOW {
             quick_ack(from);
@@ -101,17 +145,17 @@ async fn copy(from: &TcpStream, to: &TcpStream, count: &mut u64) -> io::Result<(
     }
 }
 
-async fn write_all(to: &TcpStream, mut data: &[u8], count: &mut u64) -> io::Result<()> {
+async fn write_all(to: &TcpStream, mut data: &[u8], count: &mut u64) -> Result<(), Failed> {
     while !data.is_empty() {
-        to.writable().await?;
+        to.writable().await.map_err(Failed::Writing)?;
         match to.try_write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(0) => return Err(Failed::Writing(io::ErrorKind::WriteZero.into())),
             Ok(n) => {
                 data = &data[n..];
                 *count += n as u64;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(Failed::Writing(e)),
         }
     }
     Ok(())
@@ -174,6 +218,8 @@ mod splice {
     };
     use tokio::{io::Interest, net::TcpStream};
 
+    use super::Failed;
+
     /// Pipe capacity for bulk transfers: each splice then moves up to this much, so a GiB costs ~1k round
     /// trips through the loop instead of ~16k with the default 64 KiB. A pipe starts at the default size and
     /// grows to this the first time one read fills it, so idle and interactive sessions stay small: the kernel
@@ -215,7 +261,11 @@ mod splice {
     /// Moves bytes from `from` to `to` until `from` reaches EOF and everything read has been written. Returns
     /// `false` when splice cannot be used here (no pipe to be had, or a kernel or socket that does not
     /// splice): whatever had been read was written first, and the caller copies the rest.
-    pub async fn pump(from: &TcpStream, to: &TcpStream, count: &mut u64) -> io::Result<bool> {
+    pub(super) async fn pump(
+        from: &TcpStream,
+        to: &TcpStream,
+        count: &mut u64,
+    ) -> Result<bool, Failed> {
         // Out of file descriptors, say: copying needs none.
 
         let Ok(mut pipe) = Pipe::new() else {
@@ -237,8 +287,8 @@ mod splice {
             // direction and other connections their turn (tokio's cooperative budget).
             tokio::select! {
                 biased;
-                ready = to.writable(), if want_out => ready?,
-                ready = from.readable(), if want_in => ready?,
+                ready = to.writable(), if want_out => ready.map_err(Failed::Writing)?,
+                ready = from.readable(), if want_in => ready.map_err(Failed::Reading)?,
             }
             if want_in {
                 let room = pipe.size - pipe.full;
@@ -262,7 +312,7 @@ mod splice {
                     Ok(None) => pipe_maybe_full = true,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) if unsupported(&e) => return give_up(pipe, to, count).await,
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(Failed::Reading(e)),
                 }
             }
             if pipe.full > 0 {
@@ -285,7 +335,7 @@ mod splice {
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) if unsupported(&e) => return give_up(pipe, to, count).await,
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(Failed::Writing(e)),
                 }
             }
         }
@@ -299,9 +349,11 @@ mod splice {
     }
 
     /// Writes out what is still in the pipe, so that the copy loop can take over without losing a byte.
-    async fn give_up(pipe: Pipe, to: &TcpStream, count: &mut u64) -> io::Result<bool> {
+    async fn give_up(pipe: Pipe, to: &TcpStream, count: &mut u64) -> Result<bool, Failed> {
         let mut left = vec![0u8; pipe.full];
-        std::fs::File::from(pipe.read).read_exact(&mut left)?;
+        std::fs::File::from(pipe.read)
+            .read_exact(&mut left)
+            .map_err(Failed::Writing)?;
         super::write_all(to, &left, count).await?;
         Ok(false)
     }
@@ -352,5 +404,29 @@ mod tests {
                 to_client: 17
             }
         );
+    }
+
+    /// A reset says which end it came from, whichever direction noticed it.
+    #[tokio::test]
+    async fn a_failure_names_the_end_that_failed() {
+        for failing in [Side::Client, Side::Vm] {
+            let (client, mut client_side) = pair().await;
+            let (mut vm_side, vm) = pair().await;
+            let relay =
+                tokio::spawn(async move { relay(&mut client_side, &mut vm_side, b"", b"").await });
+            let (gone, _kept) = match failing {
+                Side::Client => (client, vm),
+                Side::Vm => (vm, client),
+            };
+            // A linger of zero turns the close into a reset.
+            SockRef::from(&gone)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(gone);
+            let (_, result) = relay.await.unwrap();
+            let error = result.expect_err("a reset ends the relay");
+            assert_eq!(error.side, failing);
+            assert_eq!(error.source.kind(), io::ErrorKind::ConnectionReset);
+        }
     }
 }

@@ -232,7 +232,7 @@ both_modes! {
         assert!(seen.contains("closed by remote host"), "{seen}");
         let summary = proxy.wait_for_summary(1);
         assert_field(&summary, "outcome", "relayed");
-        assert!(summary.contains("relay ended: Connection reset by peer"), "{summary}");
+        assert!(summary.contains("relay ended: the VM's connection failed: Connection reset by peer"), "{summary}");
         nothing_left(&proxy, 1, &[vm.addr()]);
     }
 }
@@ -261,7 +261,7 @@ fn vm_vanishes_mid_session(mode: Mode, how: fn(&Netns)) {
     let summary = proxy.wait_for_summary(1);
     assert_field(&summary, "outcome", "relayed");
     assert!(
-        summary.contains("relay ended: Connection timed out"),
+        summary.contains("relay ended: the VM's connection failed: Connection timed out"),
         "{summary}"
     );
     nothing_left(&proxy, 1, &[vm.addr()]);
@@ -338,7 +338,7 @@ fn client_vanishes_while_relaying(mode: Mode) {
     );
     assert_field(&summary, "outcome", "relayed");
     assert!(
-        summary.contains("relay ended: Connection timed out"),
+        summary.contains("relay ended: the client's connection failed: Connection timed out"),
         "{summary}"
     );
     nothing_left(&proxy, 1, &[vm.addr()]);
@@ -384,7 +384,7 @@ fn client_stops_reading(mode: Mode) {
     );
     assert_field(&summary, "outcome", "relayed");
     assert!(
-        summary.contains("relay ended: Connection timed out"),
+        summary.contains("relay ended: the client's connection failed: Connection timed out"),
         "{summary}"
     );
     assert!(vm.written() > 1 << 20, "the VM sent {} bytes", vm.written());
@@ -443,7 +443,7 @@ mod long {
             );
             let summary = proxy.wait_for_summary(1);
             assert_field(&summary, "outcome", "relayed");
-            assert!(summary.contains("relay ended: Connection timed out"), "{summary}");
+            assert!(summary.contains("relay ended: the VM's connection failed: Connection timed out"), "{summary}");
             nothing_left(&proxy, 1, &[]);
         }
     }

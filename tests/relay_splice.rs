@@ -13,7 +13,7 @@ use std::{
 };
 
 use common::PATIENCE;
-use ssh_on_demand::relay::{PIPE_SIZE, Transferred, relay};
+use ssh_on_demand::relay::{PIPE_SIZE, RelayError, Transferred, relay};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -53,7 +53,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 type Relayed = (
     TcpStream,
     TcpStream,
-    tokio::task::JoinHandle<(Transferred, std::io::Result<()>)>,
+    tokio::task::JoinHandle<(Transferred, Result<(), RelayError>)>,
 );
 
 async fn relayed(to_vm: &'static [u8], to_client: &'static [u8]) -> Relayed {
