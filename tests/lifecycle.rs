@@ -347,11 +347,15 @@ fn restarted_daemon_stops_what_its_killed_predecessor_left() {
     let killed = Instant::now();
     drop(first); // SIGKILL, sessions and all
     session.wait_closed(PATIENCE);
-    let _second = with_stop(Mode::Daemon, &api)
+    let second = with_stop(Mode::Daemon, &api)
         .state_dir(state.path())
         .start();
     let stops = api.wait_for_requests_to("/stop", 1, PATIENCE);
     assert!(stops[0].at.duration_since(killed) >= IDLE);
+    // The API has the request before the daemon has its answer and records it.
+    second
+        .log
+        .wait_for(PATIENCE, |l| l.contains(r#"decision="stopped""#));
     assert_eq!(
         common::proxy::status(state.path())["vms"][0]["state"],
         "stopped"

@@ -395,6 +395,9 @@ fn burst_makes_one_start_call(container: &Container, host: &Host) {
         stop.json().get("client_addr").is_none(),
         "one VM for the profile"
     );
+    // The API has the request before the proxy has its answer and records it.
+    let lifecycle = format!("MESSAGE_ID={LIFECYCLE_MESSAGE_ID}");
+    newest_record(container, &[&lifecycle, "DECISION=stopped", "PROFILE=ci"]);
     assert_eq!(vm(&status_json(container), "ci")["state"], "stopped");
 }
 
