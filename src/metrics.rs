@@ -45,6 +45,11 @@ struct DirectionLabel {
     direction: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SideLabel {
+    side: &'static str,
+}
+
 /// Everything the daemon counts.
 pub struct Metrics {
     registry: Registry,
@@ -55,6 +60,7 @@ pub struct Metrics {
     api_seconds: Histogram,
     vm_wait_seconds: Histogram,
     bytes: Family<DirectionLabel, Counter>,
+    relay_failures: Family<SideLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -75,6 +81,7 @@ impl Metrics {
             api_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 15)),
             vm_wait_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 15)),
             bytes: Family::default(),
+            relay_failures: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -107,6 +114,11 @@ impl Metrics {
             "relayed_bytes",
             "Bytes relayed, by direction",
             metrics.bytes.clone(),
+        );
+        registry.register(
+            "relay_failures",
+            "Relays ended by a failed connection, by the end that failed (client, vm)",
+            metrics.relay_failures.clone(),
         );
         Metrics {
             registry,
@@ -146,6 +158,13 @@ impl Metrics {
             self.bytes
                 .get_or_create(&DirectionLabel { direction })
                 .inc_by(n);
+        }
+        if let Some(side) = stats.relay_failed {
+            self.relay_failures
+                .get_or_create(&SideLabel {
+                    side: side.as_str(),
+                })
+                .inc();
         }
     }
 

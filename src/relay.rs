@@ -40,6 +40,16 @@ pub enum Side {
     Vm,
 }
 
+impl Side {
+    /// As the summary record's `RELAY_FAILED` field and the metrics' `side` label have it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Vm => "vm",
+        }
+    }
+}
+
 /// How a relay failed: which end, and what the kernel said. An operator reading "connection timed out"
 /// must know whether the user's network or the VM went away.
 #[derive(Debug, thiserror::Error)]

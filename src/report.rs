@@ -6,7 +6,7 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 use tracing::Level;
 
 use crate::{
-    relay::Transferred,
+    relay::{Side, Transferred},
     vm::{api::ApiError, readiness::NotReady, targets::NotAllowed},
 };
 
@@ -114,6 +114,8 @@ pub struct Stats {
     pub shared_start: bool,
     pub transferred: Transferred,
     pub reason: Option<String>,
+    /// The end whose connection failed, when the relay ended in an error.
+    pub relay_failed: Option<Side>,
 }
 
 /// The one summary record of a connection: a warning for failures, so that `journalctl -p warning` lists
@@ -126,6 +128,7 @@ pub fn summarize(peer: Option<SocketAddr>, outcome: Outcome, stats: &Stats, dura
         shared_start,
         transferred,
         reason,
+        relay_failed,
     } = stats;
     let who = peer.map_or("client".to_owned(), |p| p.to_string());
     let message = match (outcome, reason) {
@@ -146,6 +149,7 @@ pub fn summarize(peer: Option<SocketAddr>, outcome: Outcome, stats: &Stats, dura
                 message_id = SUMMARY_MESSAGE_ID,
                 outcome = outcome.as_str(),
                 reason = reason.as_deref(),
+                relay_failed = relay_failed.map(Side::as_str),
                 api_ms = api.map(|d| d.as_millis() as u64),
                 vm_wait_ms = vm_wait.map(|d| d.as_millis() as u64),
                 shared_start = *shared_start,

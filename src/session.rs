@@ -391,6 +391,7 @@ impl Connection {
                 self.stats.transferred = transferred;
                 if let Err(e) = result {
                     self.stats.reason = Some(format!("relay ended: {e}"));
+                    self.stats.relay_failed = Some(e.side);
                 }
             }
             () = ctx.closed() => {

@@ -233,6 +233,7 @@ both_modes! {
         let summary = proxy.wait_for_summary(1);
         assert_field(&summary, "outcome", "relayed");
         assert!(summary.contains("relay ended: the VM's connection failed: Connection reset by peer"), "{summary}");
+        assert_field(&summary, "relay_failed", "vm");
         nothing_left(&proxy, 1, &[vm.addr()]);
     }
 }
