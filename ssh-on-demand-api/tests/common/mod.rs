@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod companion;
+pub mod emulator;
 // The proxy's own helper: one copy for both crates' tests.
 #[path = "../../../tests/common/log.rs"]
 pub mod log;

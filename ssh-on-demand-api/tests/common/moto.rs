@@ -1,48 +1,31 @@
 //! moto's EC2 server (PyPI `moto[server]`), run by tests/emulators/moto_serve.py with signature checking on
 //! and instances whose private addresses are loopback addresses.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, ChildStdin, Command, Stdio},
-};
+use std::process::Stdio;
 
-use serde_json::Value;
-
-use super::{PATIENCE, log::Log};
+use super::emulator::Emulator;
 
 pub struct Moto {
-    child: Child,
-    _stdin: ChildStdin,
+    server: Emulator,
     pub endpoint: String,
     pub access_key_id: String,
     pub secret_access_key: String,
     /// (instance id, private address), all stopped at first.
     pub instances: Vec<(String, String)>,
-    pub events: Log,
 }
 
 impl Moto {
     pub fn start(instances: usize) -> Moto {
-        let mut child = Command::new("python3")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/emulators/moto_serve.py"
-            ))
-            .arg(instances.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3");
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut first = String::new();
-        stdout.read_line(&mut first).unwrap();
-        let ready: Value = serde_json::from_str(&first).unwrap_or_else(|_| {
-            panic!("moto did not start (pip install 'moto[server]'); it printed {first:?}")
-        });
-        let text = |key: &str| ready[key].as_str().unwrap().to_owned();
-        let instances = ready["instances"]
+        let count = instances.to_string();
+        let server = Emulator::start(
+            "moto_serve.py",
+            &[count.as_ref()],
+            // moto logs every request there.
+            Stdio::null(),
+            "moto",
+            "moto[server]",
+        );
+        let instances = server.ready["instances"]
             .as_array()
             .unwrap()
             .iter()
@@ -54,13 +37,11 @@ impl Moto {
             })
             .collect();
         Moto {
-            endpoint: text("endpoint"),
-            access_key_id: text("access_key_id"),
-            secret_access_key: text("secret_access_key"),
+            endpoint: server.text("endpoint"),
+            access_key_id: server.text("access_key_id"),
+            secret_access_key: server.text("secret_access_key"),
             instances,
-            events: Log::collect(stdout, "moto"),
-            child,
-            _stdin: stdin,
+            server,
         }
     }
 
@@ -81,23 +62,14 @@ impl Moto {
     }
 
     pub fn actions(&self, kind: &str, id: &str) -> usize {
-        let needle = format!("\"event\": \"{kind}\", \"id\": \"{id}\"");
-        self.events
-            .lines()
-            .iter()
-            .filter(|l| l.contains(&needle))
-            .count()
+        self.server.events(&action(kind, id))
     }
 
     pub fn wait_for_action(&self, kind: &str, id: &str) {
-        let needle = format!("\"event\": \"{kind}\", \"id\": \"{id}\"");
-        self.events.wait_for(PATIENCE, |l| l.contains(&needle));
+        self.server.wait_for_event(&action(kind, id));
     }
 }
 
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn action(kind: &str, id: &str) -> String {
+    format!("\"event\": \"{kind}\", \"id\": \"{id}\"")
 }
