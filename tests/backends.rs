@@ -13,7 +13,7 @@ use std::{
 
 use common::{
     PATIENCE,
-    companion::{Companion, Emulator},
+    companion::{self, Companion},
     proxy::Proxy,
     ssh::assert_echo,
     vm::Vm,
@@ -92,7 +92,7 @@ fn command_backend_boots_the_vm_and_stops_it_when_idle() {
 #[test]
 fn ec2_backend_starts_the_instance_and_stops_it_when_idle() {
     let vm = Vm::new();
-    let moto = Emulator::moto(&vm.ip().to_string());
+    let moto = companion::moto(&vm.ip().to_string());
     let id = moto.ready["instances"][0]["id"]
         .as_str()
         .unwrap()
@@ -118,14 +118,14 @@ fn ec2_backend_starts_the_instance_and_stops_it_when_idle() {
     let proxy = proxy(&api);
     assert_echo(proxy.addr, &vm.client_key(), "hello");
     booting.join().unwrap();
-    moto.wait_for(&format!("\"event\": \"stop\", \"id\": \"{id}\""));
+    moto.wait_for_event(&format!("\"event\": \"stop\", \"id\": \"{id}\""));
 }
 
 #[test]
 fn proxmox_backend_starts_the_guest_and_stops_it_when_idle() {
     let vm = Vm::new();
     let (token_id, secret) = ("ssh@pve!companion", "5b0f2f0c-2f4e-4d8e-9d3a-0c6a1f0e7b11");
-    let pve = Emulator::fakepve(&vm.ip().to_string(), token_id, secret);
+    let (pve, _pve_dir) = companion::fakepve(&vm.ip().to_string(), token_id, secret);
     let api = Companion::start(
         &format!(
             "[backends.pve]\ntype = \"proxmox\"\nurl = \"{}\"\nnode = \"pve1\"\ntoken_id = \"{token_id}\"\n\
@@ -144,7 +144,7 @@ fn proxmox_backend_starts_the_guest_and_stops_it_when_idle() {
     let proxy = proxy(&api);
     assert_echo(proxy.addr, &vm.client_key(), "hello");
     booting.join().unwrap();
-    pve.wait_for("\"event\": \"shutdown\", \"vmid\": 100");
+    pve.wait_for_event("\"event\": \"shutdown\", \"vmid\": 100");
 }
 
 #[test]

@@ -4,17 +4,17 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, Command, Stdio},
+    process::{Child, Command, Stdio},
     sync::OnceLock,
 };
 
 use serde_json::Value;
 use tempfile::TempDir;
 
-use super::log::Log;
+use super::{emulator::Emulator, log::Log};
 
 /// Builds ssh-on-demand-api once per test binary, the way tests/systemd.rs builds the package.
 pub fn binary() -> &'static Path {
@@ -146,79 +146,32 @@ impl Drop for Companion {
     }
 }
 
-/// One of the emulators in ssh-on-demand-api/tests/emulators/: its first line of JSON, then one line per
-/// power action it receives.
-pub struct Emulator {
-    child: Child,
-    _stdin: ChildStdin,
-    pub ready: Value,
-    pub events: Log,
-    _dir: TempDir,
+/// moto's EC2 server with one stopped instance at `ip`.
+pub fn moto(ip: &str) -> Emulator {
+    Emulator::start(
+        &emulator("moto_serve.py"),
+        &["1".as_ref(), ip.as_ref()],
+        Stdio::null(),
+        "moto",
+        "moto[server]",
+    )
 }
 
-impl Emulator {
-    /// moto's EC2 server with one stopped instance at `ip`.
-    pub fn moto(ip: &str) -> Emulator {
-        Emulator::run(
-            Command::new("python3")
-                .arg(emulator("moto_serve.py"))
-                .args(["1", ip]),
-            tempfile::tempdir().unwrap(),
-        )
-    }
-
-    /// fakepve with a stopped QEMU VM 100 whose guest agent reports `ip` on eth0.
-    pub fn fakepve(ip: &str, token_id: &str, secret: &str) -> Emulator {
-        let dir = tempfile::tempdir().unwrap();
-        let agent = serde_json::json!({"interfaces": [{"name": "eth0", "ip-addresses": [
-            {"ip-address": ip, "ip-address-type": "ipv4", "prefix": 24}]}]});
-        let spec = serde_json::json!({"token_id": token_id, "token_secret": secret, "dir": dir.path(),
-            "guests": [{"vmid": 100, "name": "dev", "agent": agent, "agent_after_start": 0.2}]});
-        fs::write(dir.path().join("spec.json"), spec.to_string()).unwrap();
-        let mut command = Command::new("python3");
-        command
-            .arg(emulator("fakepve_serve.py"))
-            .arg(dir.path().join("spec.json"));
-        Emulator::run(&mut command, dir)
-    }
-
-    fn run(command: &mut Command, dir: TempDir) -> Emulator {
-        let mut child = command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3");
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut first = String::new();
-        stdout.read_line(&mut first).unwrap();
-        let ready = serde_json::from_str(&first).unwrap_or_else(|_| {
-            panic!("the emulator did not start (see .ci/run for its pip install): {first:?}")
-        });
-        Emulator {
-            child,
-            _stdin: stdin,
-            ready,
-            events: Log::collect(stdout, "emulator"),
-            _dir: dir,
-        }
-    }
-
-    pub fn text(&self, key: &str) -> String {
-        self.ready[key].as_str().unwrap_or_default().to_owned()
-    }
-
-    /// Waits for a power action line containing `needle`, e.g. `"event": "stop"`.
-    pub fn wait_for(&self, needle: &str) {
-        self.events
-            .wait_for(super::PATIENCE, |l| l.contains(needle));
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// fakepve with a stopped QEMU VM 100 whose guest agent reports `ip` on eth0; the directory holds its state.
+pub fn fakepve(ip: &str, token_id: &str, secret: &str) -> (Emulator, TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = serde_json::json!({"interfaces": [{"name": "eth0", "ip-addresses": [
+        {"ip-address": ip, "ip-address-type": "ipv4", "prefix": 24}]}]});
+    let spec = serde_json::json!({"token_id": token_id, "token_secret": secret, "dir": dir.path(),
+        "guests": [{"vmid": 100, "name": "dev", "agent": agent, "agent_after_start": 0.2}]});
+    let path = dir.path().join("spec.json");
+    fs::write(&path, spec.to_string()).unwrap();
+    let pve = Emulator::start(
+        &emulator("fakepve_serve.py"),
+        &[path.as_os_str()],
+        Stdio::null(),
+        "fakepve",
+        "fakepve[crypto]",
+    );
+    (pve, dir)
 }

@@ -6,6 +6,8 @@
 pub mod api;
 pub mod companion;
 pub mod container;
+#[path = "../../ssh-on-demand-api/tests/common/emulator.rs"]
+pub mod emulator;
 pub mod log;
 pub mod netns;
 pub mod proxy;

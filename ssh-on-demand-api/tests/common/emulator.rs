@@ -1,9 +1,11 @@
-//! A platform emulator run by one of tests/emulators/*.py: its first line on stdout (JSON) says where it listens
-//! and with which credentials, every later line is one event (a power action) it saw. Killed when dropped.
+//! A platform emulator run by one of ssh-on-demand-api/tests/emulators/*.py: its first line on stdout (JSON) says
+//! where it listens and with which credentials, every later line is one event (a power action) it saw. Killed
+//! when dropped. Both crates' tests use this one file.
 
 use std::{
     ffi::OsStr,
     io::{BufRead, BufReader},
+    path::Path,
     process::{Child, ChildStdin, Command, Stdio},
 };
 
@@ -17,23 +19,20 @@ pub struct Emulator {
     _stdin: ChildStdin,
     /// The first line.
     pub ready: Value,
-    events: Log,
+    pub events: Log,
 }
 
 impl Emulator {
-    /// Runs tests/emulators/`script` with `args`; `install` is what to install if it does not start.
+    /// Runs `script` with `args`; `install` is what to install if it does not start.
     pub fn start(
-        script: &str,
+        script: &Path,
         args: &[&OsStr],
         stderr: Stdio,
         name: &'static str,
         install: &str,
     ) -> Emulator {
         let mut child = Command::new("python3")
-            .arg(format!(
-                "{}/tests/emulators/{script}",
-                env!("CARGO_MANIFEST_DIR")
-            ))
+            .arg(script)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

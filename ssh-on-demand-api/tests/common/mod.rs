@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod companion;
+// One copy for both crates' tests, like log.rs.
 pub mod emulator;
 // The proxy's own helper: one copy for both crates' tests.
 #[path = "../../../tests/common/log.rs"]
@@ -11,7 +12,12 @@ pub mod log;
 pub mod moto;
 pub mod pve;
 
-use std::{fs, os::unix::fs::PermissionsExt, path::Path, time::Duration};
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 /// Upper bound for anything a test waits on that should take milliseconds; reaching it is a failure.
 pub const PATIENCE: Duration = Duration::from_secs(30);
@@ -34,4 +40,11 @@ fn fastrand_u8() -> u8 {
         .unwrap()
         .subsec_nanos();
     (nanos % 250) as u8 + 2
+}
+
+/// One of the emulators' scripts in tests/emulators/.
+pub fn emulator_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/emulators")
+        .join(name)
 }

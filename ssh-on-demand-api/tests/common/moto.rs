@@ -18,7 +18,7 @@ impl Moto {
     pub fn start(instances: usize) -> Moto {
         let count = instances.to_string();
         let server = Emulator::start(
-            "moto_serve.py",
+            &super::emulator_script("moto_serve.py"),
             &[count.as_ref()],
             // moto logs every request there.
             Stdio::null(),

@@ -27,7 +27,7 @@ impl Pve {
                                       "dir": dir.path(), "guests": guests});
         std::fs::write(&spec, body.to_string()).unwrap();
         let server = Emulator::start(
-            "fakepve_serve.py",
+            &super::emulator_script("fakepve_serve.py"),
             &[spec.as_os_str()],
             Stdio::inherit(),
             "fakepve",
