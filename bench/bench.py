@@ -719,7 +719,7 @@ def main():
     parser.add_argument("--vm-ip", default=os.environ.get("BENCH_VM_IP", "127.0.0.77"),
                         help="loopback address for the sshd 'VM' (env BENCH_VM_IP, default 127.0.0.77)")
     parser.add_argument("--binary", default=os.environ.get("BENCH_BINARY",
-                                                           os.path.join(REPO, "target", "release", "ssh-on-demand")))
+                                                           os.path.join(REPO, "target", "static", "ssh-on-demand")))
     parser.add_argument("--sshd", default=shutil.which("sshd", path="/usr/sbin:/usr/bin:/sbin:/bin") or "/usr/sbin/sshd")
     parser.add_argument("--raw-mib", type=int, default=env_default("BENCH_RAW_MIB", 1024),
                         help="MiB each way per raw TCP relay transfer (env BENCH_RAW_MIB, default 1024)")

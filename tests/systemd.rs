@@ -574,6 +574,11 @@ fn check_installed_package(container: &Container) {
         .collect();
     assert_eq!(units.len(), 6, "{files}");
 
+    // Linked statically for musl (packaging/build-release): every login starts this program, and glibc's loader
+    // and CPU probe were most of its start-up.
+    let linked = container.run_ok("ldd", &["/usr/bin/ssh-on-demand"]);
+    assert_eq!(linked.trim(), "statically linked", "{linked}");
+
     // Nothing enabled or started: port 22 is usually the host's own sshd.
     for unit in [
         "ssh-on-demand.socket",
