@@ -13,6 +13,7 @@ pub mod netns;
 pub mod proxy;
 pub mod ssh;
 pub mod tls;
+pub mod units;
 pub mod vm;
 
 use std::time::Duration;

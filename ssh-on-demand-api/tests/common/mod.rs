@@ -11,6 +11,9 @@ pub mod emulator;
 pub mod log;
 pub mod moto;
 pub mod pve;
+// The proxy's: one copy for both crates' tests/units.rs.
+#[path = "../../../tests/common/units.rs"]
+pub mod units;
 
 use std::{
     fs,
