@@ -107,7 +107,7 @@ both_modes! {
     fn vm_that_accepts_and_never_speaks(mode) {
         let vm = FakeVm::start(Behaviour::Silent);
         let api = StartApi::serve({
-            let addr = vm.addr;
+            let addr = vm.addr();
             move |_| common::api::Answer::text(addr.to_string())
         });
         let proxy = Proxy::builder_in(mode, &api.url())
@@ -117,7 +117,7 @@ both_modes! {
         assert!(
             seen.contains(&format!(
                 "VM did not answer within 4 s (start API said {}; last try: TCP connected, but no SSH identification came)",
-                vm.addr
+                vm.addr()
             )),
             "{seen}"
         );
@@ -165,7 +165,7 @@ both_modes! {
         let garbage: Vec<u8> = (0..20 * 1024).map(|i| b"\x00\xff garbage\r\n"[i % 12]).collect();
         let vm = FakeVm::start(Behaviour::Sends(garbage));
         let api = StartApi::serve({
-            let addr = vm.addr;
+            let addr = vm.addr();
             move |_| common::api::Answer::text(addr.to_string())
         });
         let proxy = Proxy::builder_in(mode, &api.url())
@@ -194,7 +194,7 @@ both_modes! {
             b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n".to_vec(),
         ));
         let api = StartApi::serve({
-            let addr = vm.addr;
+            let addr = vm.addr();
             move |_| common::api::Answer::text(addr.to_string())
         });
         let proxy = Proxy::builder_in(mode, &api.url())
@@ -357,7 +357,7 @@ fn client_that_vanishes_while_relaying_is_dropped_by_the_socket_units_keepalive(
 fn client_stops_reading(mode: Mode) {
     let vm = FakeVm::start(Behaviour::Floods);
     let api = StartApi::serve({
-        let addr = vm.addr;
+        let addr = vm.addr();
         move |_| common::api::Answer::text(addr.to_string())
     });
     let listener = keepalive_listener(SHORT_KEEPALIVE);
@@ -429,7 +429,7 @@ mod long {
         fn vm_that_stops_reading(mode) {
             let vm = FakeVm::start(Behaviour::Deaf);
             let api = StartApi::serve({
-                let addr = vm.addr;
+                let addr = vm.addr();
                 move |_| common::api::Answer::text(addr.to_string())
             });
             let proxy = Proxy::start_in(mode, &api.url());
@@ -866,11 +866,8 @@ enum Behaviour {
 
 /// A TCP server on loopback that is no sshd.
 struct FakeVm {
-    addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
-    open: Arc<AtomicUsize>,
-    written: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
+    server: HandServer,
+    /// Connections kept open without a thread (`Deaf`), closed when the VM is dropped.
     held: Arc<Mutex<Vec<TcpStream>>>,
 }
 
@@ -878,95 +875,134 @@ const FAKE_BANNER: &[u8] = b"SSH-2.0-OpenSSH_9.2p1 fake\r\n";
 
 impl FakeVm {
     fn start(behaviour: Behaviour) -> FakeVm {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let vm = FakeVm {
-            addr: listener.local_addr().unwrap(),
-            accepted: Arc::default(),
-            open: Arc::default(),
-            written: Arc::default(),
-            stop: Arc::default(),
-            held: Arc::default(),
-        };
-        let (accepted, open, written, stop, held) = (
-            vm.accepted.clone(),
-            vm.open.clone(),
-            vm.written.clone(),
-            vm.stop.clone(),
-            vm.held.clone(),
-        );
-        thread::spawn(move || {
-            for stream in listener.incoming() {
-                if stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(mut stream) = stream else { continue };
-                accepted.fetch_add(1, Ordering::SeqCst);
-                open.fetch_add(1, Ordering::SeqCst);
-                let (behaviour, open, written, stop) = (
-                    behaviour.clone(),
-                    open.clone(),
-                    written.clone(),
-                    stop.clone(),
-                );
-                let held = held.clone();
-                thread::spawn(move || {
-                    match behaviour {
-                        Behaviour::Silent => drain(&mut stream),
-                        Behaviour::Sends(bytes) => {
-                            let _ = stream.write_all(&bytes);
-                            drain(&mut stream);
-                        }
-                        Behaviour::SendsThenCloses(bytes) => {
-                            let _ = stream.write_all(&bytes);
-                            let _ = stream.shutdown(Shutdown::Write);
-                            drain(&mut stream);
-                        }
-                        Behaviour::Floods => {
-                            let _ = stream.write_all(FAKE_BANNER);
-                            let chunk = vec![b'x'; 64 * 1024];
-                            while !stop.load(Ordering::SeqCst) {
-                                match stream.write(&chunk) {
-                                    Ok(n) => {
-                                        written.fetch_add(n as u64, Ordering::SeqCst);
-                                    }
-                                    Err(_) => break,
+        let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let server = HandServer::start({
+            let held = held.clone();
+            move |mut stream, _, tally| {
+                match &behaviour {
+                    Behaviour::Silent => drain(&mut stream),
+                    Behaviour::Sends(bytes) => {
+                        let _ = stream.write_all(bytes);
+                        drain(&mut stream);
+                    }
+                    Behaviour::SendsThenCloses(bytes) => {
+                        let _ = stream.write_all(bytes);
+                        let _ = stream.shutdown(Shutdown::Write);
+                        drain(&mut stream);
+                    }
+                    Behaviour::Floods => {
+                        let _ = stream.write_all(FAKE_BANNER);
+                        let chunk = vec![b'x'; 64 * 1024];
+                        while !tally.stop.load(Ordering::SeqCst) {
+                            match stream.write(&chunk) {
+                                Ok(n) => {
+                                    tally.written.fetch_add(n as u64, Ordering::SeqCst);
                                 }
+                                Err(_) => break,
                             }
                         }
-                        Behaviour::Deaf => {
-                            let _ = stream.write_all(FAKE_BANNER);
-                            held.lock().unwrap().push(stream);
-                            return;
-                        }
                     }
-                    open.fetch_sub(1, Ordering::SeqCst);
-                });
+                    Behaviour::Deaf => {
+                        let _ = stream.write_all(FAKE_BANNER);
+                        held.lock().unwrap().push(stream);
+                        return Held::Open;
+                    }
+                }
+                Held::Closed
             }
         });
-        vm
+        FakeVm { server, held }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.server.addr
     }
 
     fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
+        self.server.tally.accepted.load(Ordering::SeqCst)
     }
 
     fn written(&self) -> u64 {
-        self.written.load(Ordering::SeqCst)
+        self.server.tally.written.load(Ordering::SeqCst)
     }
 
     /// Every connection the proxy made was closed by it.
     fn assert_all_closed(&self) {
-        wait_until("the proxy to close every connection to the fake VM", || {
-            self.open.load(Ordering::SeqCst) == 0
-        });
+        self.server
+            .assert_all_closed("the proxy to close every connection to the fake VM");
     }
 }
 
 impl Drop for FakeVm {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr);
         self.held.lock().unwrap().clear();
+    }
+}
+
+/// What a server written by hand (FakeVm, RawApi) shares with its threads.
+#[derive(Default)]
+struct Tally {
+    accepted: AtomicUsize,
+    /// Connections accepted and not yet finished by their handler.
+    open: AtomicUsize,
+    written: AtomicU64,
+    /// Set when the server is dropped: its loops end.
+    stop: AtomicBool,
+}
+
+/// Whether a handler left its connection open (kept elsewhere) or finished with it.
+enum Held {
+    Open,
+    Closed,
+}
+
+/// A listener on 127.0.0.1 whose every connection gets a thread running `serve` (with the connection's
+/// number, from 0), until the server is dropped.
+struct HandServer {
+    addr: SocketAddr,
+    tally: Arc<Tally>,
+}
+
+impl HandServer {
+    fn start(
+        serve: impl Fn(TcpStream, usize, &Tally) -> Held + Send + Sync + 'static,
+    ) -> HandServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = HandServer {
+            addr: listener.local_addr().unwrap(),
+            tally: Arc::default(),
+        };
+        let tally = server.tally.clone();
+        let serve = Arc::new(serve);
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                if tally.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                let n = tally.accepted.fetch_add(1, Ordering::SeqCst);
+                tally.open.fetch_add(1, Ordering::SeqCst);
+                let (serve, tally) = (serve.clone(), tally.clone());
+                thread::spawn(move || {
+                    if let Held::Closed = serve(stream, n, &tally) {
+                        tally.open.fetch_sub(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        server
+    }
+
+    fn assert_all_closed(&self, what: &str) {
+        wait_until(what, || self.tally.open.load(Ordering::SeqCst) == 0);
+    }
+}
+
+impl Drop for HandServer {
+    fn drop(&mut self) {
+        self.tally.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept loop to see the flag.
+        let _ = TcpStream::connect(self.addr);
     }
 }
 
@@ -988,73 +1024,34 @@ enum ApiFault {
 
 /// An HTTP/1.1 server written by hand, for answers no HTTP library would send.
 struct RawApi {
-    port: u16,
-    requests: Arc<AtomicUsize>,
-    open: Arc<AtomicUsize>,
-    written: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
+    server: HandServer,
 }
 
 impl RawApi {
     fn serve(fault: ApiFault) -> RawApi {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let api = RawApi {
-            port: listener.local_addr().unwrap().port(),
-            requests: Arc::default(),
-            open: Arc::default(),
-            written: Arc::default(),
-            stop: Arc::default(),
-        };
-        let (requests, open, written, stop) = (
-            api.requests.clone(),
-            api.open.clone(),
-            api.written.clone(),
-            api.stop.clone(),
-        );
-        let fault = Arc::new(fault);
-        thread::spawn(move || {
-            for stream in listener.incoming() {
-                if stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(stream) = stream else { continue };
-                let n = requests.fetch_add(1, Ordering::SeqCst);
-                open.fetch_add(1, Ordering::SeqCst);
-                let (fault, open, written, stop) =
-                    (fault.clone(), open.clone(), written.clone(), stop.clone());
-                thread::spawn(move || {
-                    answer(stream, &fault, n, &written, &stop);
-                    open.fetch_sub(1, Ordering::SeqCst);
-                });
-            }
+        let server = HandServer::start(move |stream, n, tally| {
+            answer(stream, &fault, n, &tally.written, &tally.stop);
+            Held::Closed
         });
-        api
+        RawApi { server }
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/start", self.port)
+        format!("http://{}/start", self.server.addr)
     }
 
     fn requests(&self) -> usize {
-        self.requests.load(Ordering::SeqCst)
+        self.server.tally.accepted.load(Ordering::SeqCst)
     }
 
     fn written(&self) -> u64 {
-        self.written.load(Ordering::SeqCst)
+        self.server.tally.written.load(Ordering::SeqCst)
     }
 
     /// The proxy closed every connection it made to the API (the server's writes then fail).
     fn assert_all_closed(&self) {
-        wait_until("the proxy to close its connections to the API", || {
-            self.open.load(Ordering::SeqCst) == 0
-        });
-    }
-}
-
-impl Drop for RawApi {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        self.server
+            .assert_all_closed("the proxy to close its connections to the API");
     }
 }
 
