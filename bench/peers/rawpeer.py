@@ -8,9 +8,10 @@ is the relay between them.
                                     line on stdin, then send N bytes and receive N bytes at once; print
                                     {"seconds": ...} as JSON and keep the connection open until stdin closes
 
-Both ends move bytes without copying them, in a process per direction: sendfile(2) from a file in memory to the socket, and splice(2) from the socket through a pipe to
-/dev/null, so that the endpoints cost little CPU next to the relay measured between them. A connection sends and receives exactly N bytes (N in its first line from
-the client: "SSH-2.0-bench N\\r\\n").
+Both ends move bytes without copying them, in a process per direction: sendfile(2) from a file in memory
+to the socket, and splice(2) from the socket through a pipe to /dev/null, so that the endpoints cost little
+CPU next to the relay measured between them. A connection sends and receives exactly N bytes (N in its
+first line from the client: "SSH-2.0-bench N\\r\\n").
 """
 import fcntl
 import json
