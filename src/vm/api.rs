@@ -161,6 +161,11 @@ impl Api {
                 sensitive(&format!("Bearer {}", token.expose()))?,
             );
         }
+        // ring does the TLS cryptography, not aws-lc, reqwest's default. aws-lc probes the CPU when the client is
+        // built, and in the per-connection mode every login builds one, even for a plain-http API; in a VM each
+        // of the probe's CPUID instructions traps to the hypervisor (14 µs apiece on the benchmark's machine).
+        // ring probes only once it does cryptography. An error means a provider is installed already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("ssh-on-demand/", env!("CARGO_PKG_VERSION")))
             .default_headers(headers)
