@@ -473,7 +473,8 @@ class Bench:
             "runs": self.args.runs, "ident_runs": self.args.ident_runs, "mib": self.args.mib,
             "reps": self.args.reps, "cipher": CIPHER, "vm": f"{self.args.vm_ip}:22",
             "binary": self.args.binary, "goal_ms": self.args.goal_ms, "only": self.args.only,
-            "raw_mib": self.args.raw_mib, "readiness_runs": self.args.readiness_runs,
+            "raw_mib": self.args.raw_mib, "raw_reps": self.args.raw_reps,
+            "readiness_runs": self.args.readiness_runs,
             "storm_clients": self.args.storm_clients, "daemon": self.args.daemon,
         }
         self.results["environment"] = environment(self.args)
@@ -723,6 +724,8 @@ def main():
     parser.add_argument("--sshd", default=shutil.which("sshd", path="/usr/sbin:/usr/bin:/sbin:/bin") or "/usr/sbin/sshd")
     parser.add_argument("--raw-mib", type=int, default=env_default("BENCH_RAW_MIB", 1024),
                         help="MiB each way per raw TCP relay transfer (env BENCH_RAW_MIB, default 1024)")
+    parser.add_argument("--raw-reps", type=int, default=env_default("BENCH_RAW_REPS", 8),
+                        help="raw TCP relay transfers per peer (env BENCH_RAW_REPS, default 8)")
     parser.add_argument("--readiness-runs", type=int, default=env_default("BENCH_READINESS_RUNS", 12),
                         help="boots per peer and kind of closed port (env BENCH_READINESS_RUNS, default 12)")
     parser.add_argument("--open-after-ms", type=int, default=200,
@@ -738,7 +741,8 @@ def main():
     parser.add_argument("--json", default=os.path.join(BENCH, "results", "latest.json"))
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, keys)")
     args = parser.parse_args()
-    if not args.vm_ip.startswith("127.") or args.runs < 1 or args.reps < 1 or args.mib < 1 or args.ident_runs < 1:
+    if not args.vm_ip.startswith("127.") or args.runs < 1 or args.reps < 1 or args.mib < 1 or args.ident_runs < 1 \
+            or args.raw_reps < 1:
         parser.error("--vm-ip must be in 127.0.0.0/8 and the counts positive")
     args.binary = os.path.abspath(args.binary)
     # The daemon mode joins the comparison once the binary has it.

@@ -18,8 +18,8 @@ import threading
 import time
 
 from benchlib import (
-    BENCH, PYTHON, GiB, MiB, BenchError, children, listening_socket, log, ratio, summary, wait_pid_gone,
-    cpu_seconds, memory_kib,
+    BENCH, PYTHON, WITH_LISTEN_FD, GiB, MiB, BenchError, Peer, children, listening_socket, log, ratio, summary,
+    wait_pid_gone, cpu_seconds, memory_kib,
 )
 
 RAW_VM = "127.0.0.78"
@@ -61,15 +61,18 @@ def raw_relay(bench):
     log(f"raw VM on {RAW_VM}:22 (PID {vm.pid})")
     api = bench.start_api_for(RAW_VM, "raw")
     peers = [p for p in bench.relays_to(RAW_VM, api, "-raw") if not p.failed]
+    floor = splice_floor(bench, RAW_VM)
+    if floor:
+        peers.append(floor)
     nbytes = args.raw_mib * MiB
     for peer in peers:  # untimed: the first transfers after start-up run slower for every peer alike
         transfer(peer, nbytes // 4)
     runs = {p.name: [] for p in peers}
-    for rep in range(args.reps):
+    for rep in range(args.raw_reps):
         k = rep % len(peers)
         for peer in peers[k:] + peers[:k]:
             runs[peer.name].append(transfer(peer, nbytes))
-        log(f"raw relay: repetition {rep + 1}/{args.reps}")
+        log(f"raw relay: repetition {rep + 1}/{args.raw_reps}")
     out = {}
     for peer in peers:
         rs = runs[peer.name]
@@ -83,7 +86,31 @@ def raw_relay(bench):
     for peer in peers:
         if peer.kind == "single-process":
             out[peer.name]["idle_session_kib"] = idle_session_memory(peer, args.idle_sessions)
-    return {"mib_each_way": args.raw_mib, "reps": args.reps, "peers": out}
+    return {"mib_each_way": args.raw_mib, "reps": args.raw_reps, "peers": out}
+
+
+def splice_floor(bench, vm):
+    """The floor of the raw relay scenario (peers/splice_floor.c): the least work a user-space relay can do,
+    compiled into the throwaway directory and started per connection like ssh-on-demand. None, with a note,
+    where there is no C compiler."""
+    binary = bench.path("splice_floor")
+    try:
+        built = subprocess.run(["cc", "-O2", "-pthread", "-o", binary,
+                                os.path.join(BENCH, "peers", "splice_floor.c")], capture_output=True, text=True)
+    except OSError as e:
+        built = subprocess.CompletedProcess([], 1, "", str(e))
+    if built.returncode != 0:
+        log(f"note: no splice floor in the raw relay scenario (cc: {built.stderr.strip() or built.returncode})")
+        return None
+    sock = listening_socket()
+    with open(bench.path("splice-floor.log"), "wb") as err:
+        proc = bench.procs.spawn("splice floor", ["sh", "-c", WITH_LISTEN_FD, "sh", "systemd-socket-activate",
+                                                  "-a", "--inetd", "--", binary, vm, "22"],
+                                 stdin=sock.fileno(), stderr=err)
+    peer = Peer("floor", "splice floor (C)", "127.0.0.1", sock.getsockname()[1], "per-connection", proc)
+    sock.close()
+    log(f"peer {peer.label:<22} {peer.host}:{peer.port} -> {vm}:22 (PID {proc.pid})")
+    return peer
 
 
 def transfer(peer, nbytes):
@@ -441,6 +468,10 @@ def render(results, add, table):
             cheap = sod["cpu_s_per_gib"] / ref["cpu_s_per_gib"]
             add(f"Targets (issue 10): throughput >= 1.2x proxyd: {fast:.2f}x, {'MET' if fast >= 1.2 else 'NOT MET'}; "
                 f"CPU per GiB <= 0.8x proxyd: {cheap:.2f}x, {'MET' if cheap <= 0.8 else 'NOT MET'}.")
+            floor = peers.get("floor")
+            if floor:
+                add(f"The splice floor, the least work a relay can do, moves {floor['gib_s'] / ref['gib_s']:.2f}x "
+                    f"proxyd's throughput; ssh-on-demand {sod['gib_s'] / floor['gib_s']:.2f}x the floor's.")
             add("")
     ready = results.get("readiness")
     if ready:
