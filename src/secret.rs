@@ -5,32 +5,7 @@ use std::fmt;
 
 use reqwest::Url;
 
-/// A value that prints as `***` whichever way it is formatted; read it with [`Secret::expose`].
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The real value, for the one place that sends it (an HTTP header).
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
+pub use ssh_on_demand_common::secret::Secret;
 
 /// A URL that prints with its user information and query values masked (`https://***@host/start?key=***`):
 /// operators put API keys there when their API takes no header.
@@ -85,15 +60,6 @@ impl fmt::Debug for SecretUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn never_prints_its_value() {
-        let secret = Secret::new("hunter2");
-        assert_eq!(format!("{secret}"), "***");
-        assert_eq!(format!("{secret:?}"), "***");
-        assert_eq!(format!("{:?}", Some(&secret)), "Some(***)");
-        assert_eq!(secret.expose(), "hunter2");
-    }
 
     #[test]
     fn urls_print_without_credentials() {

@@ -11,12 +11,10 @@ pub mod cli;
 pub mod config;
 /// Failures in the platform's words, and the HTTP status each becomes.
 pub mod error;
-/// journald or stderr.
+/// journald or stderr, set up as the proxy does.
 pub mod logging;
 /// The man page, ssh-on-demand-api(8).
 pub mod manpage;
-/// Values that print as `***`.
-pub mod secret;
 /// The HTTP endpoints, the token check and the listeners.
 pub mod server;
 /// TLS with a CA file or a pinned certificate fingerprint.

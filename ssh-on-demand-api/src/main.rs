@@ -6,10 +6,10 @@ use ssh_on_demand_api::{
     cli::{Cli, Command},
     config::{self, Config, TOKEN_CREDENTIAL},
     logging,
-    secret::Secret,
     server::{self, App},
     vms::Vms,
 };
+use ssh_on_demand_common::secret::Secret;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

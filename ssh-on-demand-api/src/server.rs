@@ -13,11 +13,11 @@ use axum::{
     routing::post,
 };
 use serde::Deserialize;
+use ssh_on_demand_common::secret::Secret;
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::{
     config::Listen,
-    secret::Secret,
     vms::{Stopped, Vms},
 };
 

@@ -4,8 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use ssh_on_demand_common::secret::Secret;
 
-use crate::{config, secret::Secret};
+use crate::config;
 
 /// The systemd credential holding an AWS credentials file.
 pub const CREDENTIAL: &str = "aws-credentials";

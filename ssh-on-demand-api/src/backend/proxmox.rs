@@ -8,13 +8,13 @@ use anyhow::{Context, Result, bail, ensure};
 use reqwest::{Method, StatusCode, header::HeaderValue};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use ssh_on_demand_common::secret::Secret;
 
 use super::{Lookup, Power};
 use crate::{
     address::{self, Interface},
     config,
     error::{Failure, chain},
-    secret::Secret,
     tls,
 };
 

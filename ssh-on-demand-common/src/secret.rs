@@ -1,8 +1,7 @@
-//! Secrets (the bearer token, platform tokens and keys): values that print as `***`.
-
 use std::{fmt, path::Path};
 
 use anyhow::{Context, Result, ensure};
+use subtle::ConstantTimeEq;
 
 /// A value that prints as `***` whichever way it is formatted; read it with [`Secret::expose`].
 #[derive(Clone, PartialEq, Eq)]
@@ -27,11 +26,10 @@ impl Secret {
         &self.0
     }
 
-    /// Compares in time independent of where the first difference is, so that a client cannot guess the
-    /// token byte by byte.
+    /// Compares in time independent of where the first difference is, so that a client cannot guess a
+    /// token byte by byte. (The length is not hidden.)
     pub fn matches(&self, offered: &str) -> bool {
-        let (a, b) = (self.0.as_bytes(), offered.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        self.0.as_bytes().ct_eq(offered.as_bytes()).into()
     }
 }
 
@@ -67,5 +65,16 @@ mod tests {
         assert!(!secret.matches("hunter3"));
         assert!(!secret.matches("hunter22"));
         assert!(!secret.matches(""));
+    }
+
+    #[test]
+    fn a_file_gives_its_value_without_the_line_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "hunter2\n").unwrap();
+        assert_eq!(Secret::from_file(&file).unwrap().expose(), "hunter2");
+        std::fs::write(&file, "\n").unwrap();
+        let error = Secret::from_file(&file).unwrap_err().to_string();
+        assert!(error.ends_with("is empty"), "{error}");
     }
 }
