@@ -108,6 +108,17 @@ impl VmScope {
     }
 }
 
+/// Where the VMs' shared state lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateStore {
+    /// Files under state_dir: the processes of this host.
+    #[default]
+    Local,
+    /// An etcd cluster: several proxy hosts in front of the same VMs (daemon mode).
+    Etcd,
+}
+
 /// What to do with a client that sends nothing: `ssh-keyscan` (Ansible, CI) waits for the server to speak
 /// first, and so do port scanners.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -271,6 +282,98 @@ pub struct Settings {
     )]
     pub state_dir: Option<PathBuf>,
 
+    /// Host: where the VMs' shared state lives: "local" (files in state_dir, this host only) or "etcd" (a cluster several proxy hosts share; daemon only) [default: local]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_STATE_STORE",
+        value_enum,
+        value_name = "STORE",
+        global = true
+    )]
+    pub state_store: Option<StateStore>,
+
+    /// Host: an etcd member's URL, http:// or https://; repeat for more (TOML: etcd_endpoints = [...])
+    #[arg(long = "etcd-endpoint", value_name = "URL", global = true)]
+    #[serde(default)]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Host: prefix of every etcd key this cluster of proxies uses [default: /ssh-on-demand/]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_ETCD_PREFIX",
+        value_name = "PREFIX",
+        global = true
+    )]
+    pub etcd_prefix: Option<String>,
+
+    /// Host: this proxy's name among the hosts that share the etcd store; two processes on one machine need their own [default: the machine ID]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_HOST_ID",
+        value_name = "NAME",
+        global = true
+    )]
+    pub host_id: Option<String>,
+
+    /// Host: TTL of this process's etcd lease: how long the sessions of a host that died keep their VMs [default: 10s]
+    #[arg(long, env = "SSH_ON_DEMAND_ETCD_LEASE_TTL", value_parser = humantime::parse_duration, value_name = "DURATION", global = true)]
+    #[serde(default, with = "humantime_serde")]
+    pub etcd_lease_ttl: Option<Duration>,
+
+    /// Host: PEM file of the CA that signed the etcd members' certificates [default: the system's CAs]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_ETCD_CA_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub etcd_ca_file: Option<PathBuf>,
+
+    /// Host: PEM client certificate for etcd (with etcd_key_file)
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_ETCD_CERT_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub etcd_cert_file: Option<PathBuf>,
+
+    /// Host: PEM private key of etcd_cert_file
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_ETCD_KEY_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub etcd_key_file: Option<PathBuf>,
+
+    /// Host: etcd user name (its password from etcd_password_file or the credential etcd_password_credential)
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_ETCD_USER",
+        value_name = "NAME",
+        global = true
+    )]
+    pub etcd_user: Option<String>,
+
+    /// Host: file holding the etcd user's password [default: the systemd credential etcd_password_credential, if any]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_ETCD_PASSWORD_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub etcd_password_file: Option<PathBuf>,
+
+    /// Host: name of the systemd credential holding the etcd user's password [default: etcd-password]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_ETCD_PASSWORD_CREDENTIAL",
+        value_name = "NAME",
+        global = true
+    )]
+    pub etcd_password_credential: Option<String>,
+
     /// Daemon: most sessions at once; more are told so and closed [default: 1024]
     #[arg(
         long,
@@ -355,6 +458,23 @@ impl Settings {
                 self.vm_networks
             },
             state_dir: self.state_dir.or(lower.state_dir),
+            state_store: self.state_store.or(lower.state_store),
+            etcd_endpoints: if self.etcd_endpoints.is_empty() {
+                lower.etcd_endpoints
+            } else {
+                self.etcd_endpoints
+            },
+            etcd_prefix: self.etcd_prefix.or(lower.etcd_prefix),
+            host_id: self.host_id.or(lower.host_id),
+            etcd_lease_ttl: self.etcd_lease_ttl.or(lower.etcd_lease_ttl),
+            etcd_ca_file: self.etcd_ca_file.or(lower.etcd_ca_file),
+            etcd_cert_file: self.etcd_cert_file.or(lower.etcd_cert_file),
+            etcd_key_file: self.etcd_key_file.or(lower.etcd_key_file),
+            etcd_user: self.etcd_user.or(lower.etcd_user),
+            etcd_password_file: self.etcd_password_file.or(lower.etcd_password_file),
+            etcd_password_credential: self
+                .etcd_password_credential
+                .or(lower.etcd_password_credential),
             max_sessions: self.max_sessions.or(lower.max_sessions),
             max_sessions_per_source: self
                 .max_sessions_per_source

@@ -1,19 +1,23 @@
 //! Commands: what an operator runs by hand (`check-config`, `status`) or a timer runs (`sweep`).
 
-use std::{io::Write, path::PathBuf, process::ExitCode, sync::Arc};
+use std::{io::Write, process::ExitCode, sync::Arc};
 
 use anyhow::Result;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     cli::Cli,
-    config::{Config, defaults},
+    config::{Config, StoreConfig},
     session::Context,
     status,
-    vm::{lifecycle, store::now_ms},
+    vm::{
+        lifecycle,
+        store::{Store, etcd::Etcd, local::Local, now_ms},
+    },
 };
 
-/// What `check-config` prints: the effective configuration, once everything in it was found usable.
+/// What `check-config` prints: the effective configuration, once everything in it was found usable (the
+/// etcd cluster reached, where it is the store).
 pub fn check_config(cli: &Cli) -> Result<String> {
     let config = Config::load(cli)?;
     // Building the HTTP clients reads and parses the CA files, as connections will.
@@ -21,38 +25,72 @@ pub fn check_config(cli: &Cli) -> Result<String> {
     for profile in ctx.config.all_profiles() {
         ctx.api(profile)?;
     }
+    if let StoreConfig::Etcd(etcd) = &ctx.config.store {
+        crate::runtime(false)?.block_on(Etcd::check(etcd))?;
+    }
     Ok(ctx.config.to_string())
 }
 
-/// `status`: every VM in the state directory, as text or JSON on stdout.
+/// `status`: every VM in the store, as text or JSON on stdout.
 pub fn status(cli: &Cli, json: bool) -> ExitCode {
-    // The state directory is all it needs: it works even while the rest of the configuration is broken.
-    let state_dir = match Config::load(cli) {
-        Ok(config) => config.state_dir,
+    // The local store needs no more than its directory: it works even while the rest is broken.
+    let (config, store_config, state_dir) = match Config::load(cli) {
+        Ok(config) => {
+            let (store, dir) = (config.store.clone(), config.state_dir.clone());
+            (Some(config), store, dir)
+        }
         Err(e) => {
             warn!("{e:#}");
-            cli.settings
-                .state_dir
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR))
+            (None, StoreConfig::Local, Config::state_dir_of(cli))
         }
     };
-    let vms = match status::collect(&state_dir) {
-        Ok(vms) => vms,
+    let result = crate::runtime(false)
+        .map_err(|e| e.to_string())
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                let (store, name) = open_for_reading(&store_config, &state_dir).await?;
+                let vms = status::collect(&store, config.as_ref())
+                    .await
+                    .map_err(|e| format!("reading {name}: {e}"))?;
+                Ok::<_, String>((vms, name))
+            })
+        });
+    let (vms, name) = match result {
+        Ok(found) => found,
         Err(e) => {
-            error!("{e:#}");
+            error!("{e}");
             return ExitCode::FAILURE;
         }
     };
     let text = if json {
-        let document = serde_json::json!({ "state_dir": state_dir, "vms": vms });
+        let document = serde_json::json!({ "store": name, "vms": vms });
         format!("{document:#}\n")
     } else {
-        status::render(&vms, &state_dir)
+        status::render(&vms, &name)
     };
     match std::io::stdout().write_all(text.as_bytes()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(_) => ExitCode::FAILURE,
+    }
+}
+
+/// The store for `status`, and how to name it to an operator.
+async fn open_for_reading(
+    config: &StoreConfig,
+    state_dir: &std::path::Path,
+) -> Result<(Store, String), String> {
+    match config {
+        StoreConfig::Local => Ok((
+            Store::Local(Local::new(state_dir)),
+            state_dir.display().to_string(),
+        )),
+        StoreConfig::Etcd(etcd) => {
+            let name = format!("etcd {}", etcd.prefix);
+            let store = Etcd::connect(etcd, false)
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            Ok((Store::Etcd(store), name))
+        }
     }
 }
 
@@ -66,6 +104,10 @@ pub fn sweep(config: Result<Config>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let StoreConfig::Etcd(_) = config.store {
+        info!("state_store is etcd: the daemon sweeps by itself; nothing to do here");
+        return ExitCode::SUCCESS;
+    }
     let runtime = match crate::runtime(false) {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -33,13 +33,18 @@ pub const DEFAULT_CONFIG_FILE: &str = "/etc/ssh-on-demand/config.toml";
 pub const TOKEN_CREDENTIAL: &str = "api-token";
 
 pub mod defaults;
+mod store;
+
+pub use store::{EtcdConfig, StoreConfig};
 
 /// The effective configuration.
 #[derive(Debug)]
 pub struct Config {
     /// The TOML file that was read, if any.
     pub file: Option<PathBuf>,
+    /// The local store's directory.
     pub state_dir: PathBuf,
+    pub store: StoreConfig,
     /// For connections that no named profile's `ports` takes. `None` when the file only has named profiles.
     pub default: Option<Arc<Profile>>,
     pub profiles: Vec<Arc<Profile>>,
@@ -182,8 +187,15 @@ impl Config {
                 default.label()
             );
         }
+        let all: Vec<&Profile> = default
+            .iter()
+            .chain(&profiles)
+            .map(|p| p.as_ref())
+            .collect();
+        let store = StoreConfig::resolve(&host, &all, credentials_dir)?;
         Ok(Config {
             file: path,
+            store,
             state_dir: host
                 .state_dir
                 .unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR)),
@@ -213,6 +225,14 @@ impl Config {
                 metrics_listen: host.metrics_listen,
             },
         })
+    }
+
+    /// The state directory that `cli` names (or the default), for when the configuration is unusable.
+    pub fn state_dir_of(cli: &Cli) -> PathBuf {
+        cli.settings
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR))
     }
 
     /// The profile for a connection that arrived on local port `port`.
@@ -380,6 +400,20 @@ fn check_profile_table(table: &Settings) -> Result<()> {
         ("max_pending_per_vm", table.max_pending_per_vm.is_some()),
         ("drain_timeout", table.drain_timeout.is_some()),
         ("metrics_listen", table.metrics_listen.is_some()),
+        ("state_store", table.state_store.is_some()),
+        ("etcd_endpoints", !table.etcd_endpoints.is_empty()),
+        ("etcd_prefix", table.etcd_prefix.is_some()),
+        ("host_id", table.host_id.is_some()),
+        ("etcd_lease_ttl", table.etcd_lease_ttl.is_some()),
+        ("etcd_ca_file", table.etcd_ca_file.is_some()),
+        ("etcd_cert_file", table.etcd_cert_file.is_some()),
+        ("etcd_key_file", table.etcd_key_file.is_some()),
+        ("etcd_user", table.etcd_user.is_some()),
+        ("etcd_password_file", table.etcd_password_file.is_some()),
+        (
+            "etcd_password_credential",
+            table.etcd_password_credential.is_some(),
+        ),
         ("profiles", !table.profiles.is_empty()),
     ];
     if let Some((key, _)) = host_settings.iter().find(|(_, set)| *set) {

@@ -22,7 +22,12 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{report::Outcome, session::Report, vm::lifecycle::Stopped};
+use crate::{
+    report::Outcome,
+    session::Report,
+    status::VmStatus,
+    vm::{lifecycle::Stopped, state::Shown, store::Store},
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct OutcomeLabel {
@@ -50,6 +55,11 @@ struct SideLabel {
     side: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
 /// Everything the daemon counts.
 pub struct Metrics {
     registry: Registry,
@@ -61,16 +71,12 @@ pub struct Metrics {
     vm_wait_seconds: Histogram,
     bytes: Family<DirectionLabel, Counter>,
     relay_failures: Family<SideLabel, Counter>,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics::new()
-    }
+    vms: Family<StateLabel, Gauge>,
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    /// The daemon's metrics; with the etcd store, its lease and errors too.
+    pub fn new(store: &Store) -> Metrics {
         let mut registry = Registry::with_prefix("ssh_on_demand");
         let metrics = Metrics {
             sessions: Gauge::default(),
@@ -82,6 +88,7 @@ impl Metrics {
             vm_wait_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 15)),
             bytes: Family::default(),
             relay_failures: Family::default(),
+            vms: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -120,9 +127,49 @@ impl Metrics {
             "Relays ended by a failed connection, by the end that failed (client, vm)",
             metrics.relay_failures.clone(),
         );
+        registry.register(
+            "vms",
+            "VMs the store knows, by state (new, starting, booting, up, idle, stopping, stopped, failed, interrupted)",
+            metrics.vms.clone(),
+        );
+        if let Store::Etcd(etcd) = store {
+            let counters = etcd.counters();
+            registry.register(
+                "store_errors",
+                "Requests to etcd that failed or timed out",
+                counters.errors.clone(),
+            );
+            registry.register(
+                "store_leases_granted",
+                "etcd leases granted to this host (the first, and one after each loss)",
+                counters.leases_granted.clone(),
+            );
+            registry.register(
+                "store_leases_lost",
+                "etcd leases of this host lost: not renewed within their TTL",
+                counters.leases_lost.clone(),
+            );
+            registry.register(
+                "store_decisions_deferred",
+                "Idle stops put off because this host's sessions were not all in the store",
+                counters.deferred.clone(),
+            );
+        }
         Metrics {
             registry,
             ..metrics
+        }
+    }
+
+    /// The count of VMs in each state, from the latest look at the store.
+    pub fn set_vms(&self, vms: &[VmStatus]) {
+        for state in Shown::ALL {
+            let n = vms.iter().filter(|vm| vm.state == state).count();
+            self.vms
+                .get_or_create(&StateLabel {
+                    state: state.as_str(),
+                })
+                .set(n as i64);
         }
     }
 

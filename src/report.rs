@@ -7,7 +7,7 @@ use tracing::Level;
 
 use crate::{
     relay::{Side, Transferred},
-    vm::{api::ApiError, readiness::NotReady, targets::NotAllowed},
+    vm::{api::ApiError, readiness::NotReady},
 };
 
 /// Journal `MESSAGE_ID` of the one summary record per connection: `journalctl MESSAGE_ID=…` lists connections.
@@ -78,11 +78,6 @@ impl Outcome {
 pub enum Refusal {
     #[error("VM failed to start: {0}")]
     Api(#[from] ApiError),
-    #[error(
-        "VM failed to start: the start API answered {ip}, which is {why}; the operator can allow it in vm_networks",
-        ip = .addr.ip()
-    )]
-    NotAllowed { addr: SocketAddr, why: NotAllowed },
     #[error(transparent)]
     NotReady(#[from] NotReady),
     #[error(
@@ -96,7 +91,7 @@ pub enum Refusal {
 impl Refusal {
     pub fn outcome(&self) -> Outcome {
         match self {
-            Refusal::Api(_) | Refusal::NotAllowed { .. } => Outcome::ApiFailed,
+            Refusal::Api(_) => Outcome::ApiFailed,
             Refusal::NotReady(_) => Outcome::VmNotReady,
             Refusal::Misconfigured => Outcome::Misconfigured,
             Refusal::Busy(_) => Outcome::Busy,
@@ -116,6 +111,8 @@ pub struct Stats {
     pub reason: Option<String>,
     /// The end whose connection failed, when the relay ended in an error.
     pub relay_failed: Option<Side>,
+    /// Why the shared state could not be used: this connection's start was its own, unshared.
+    pub store_error: Option<String>,
 }
 
 /// The one summary record of a connection: a warning for failures, so that `journalctl -p warning` lists
@@ -129,6 +126,7 @@ pub fn summarize(peer: Option<SocketAddr>, outcome: Outcome, stats: &Stats, dura
         transferred,
         reason,
         relay_failed,
+        store_error,
     } = stats;
     let who = peer.map_or("client".to_owned(), |p| p.to_string());
     let message = match (outcome, reason) {
@@ -150,6 +148,7 @@ pub fn summarize(peer: Option<SocketAddr>, outcome: Outcome, stats: &Stats, dura
                 outcome = outcome.as_str(),
                 reason = reason.as_deref(),
                 relay_failed = relay_failed.map(Side::as_str),
+                store_error = store_error.as_deref(),
                 api_ms = api.map(|d| d.as_millis() as u64),
                 vm_wait_ms = vm_wait.map(|d| d.as_millis() as u64),
                 shared_start = *shared_start,

@@ -27,7 +27,7 @@ use crate::{
         api::Api,
         lifecycle::{IdleWatch, Lease, Lifecycle},
         readiness::Ready,
-        store::Store,
+        store::{Store, local::Local},
     },
     wire,
 };
@@ -52,9 +52,15 @@ pub struct Context {
 }
 
 impl Context {
+    /// A context whose VMs live in the local store, in the configured state directory.
     pub fn new(config: Arc<Config>, notify_status: bool) -> Context {
+        let store = Store::Local(Local::new(&config.state_dir));
+        Context::with_store(config, store, notify_status)
+    }
+
+    pub fn with_store(config: Arc<Config>, store: Store, notify_status: bool) -> Context {
         Context {
-            lifecycle: Lifecycle::new(Store::new(&config.state_dir)),
+            lifecycle: Lifecycle::new(store),
             config,
             apis: Mutex::default(),
             notify_status,
@@ -66,12 +72,13 @@ impl Context {
     /// session (once the drain timeout has passed).
     pub fn for_daemon(
         config: Arc<Config>,
+        store: Store,
         limits: Arc<Limits>,
         close: CancellationToken,
     ) -> Context {
         Context {
             daemon: Some((limits, close)),
-            ..Context::new(config, false)
+            ..Context::with_store(config, store, false)
         }
     }
 
@@ -149,7 +156,7 @@ pub async fn run(client: TcpStream, ctx: &Context, profile: Option<&Arc<Profile>
         };
         // Over before its record is written: whoever reads the record finds the session gone.
         if let Some(lease) = &mut lease {
-            lease.end();
+            lease.end().await;
         }
         conn.summarize(outcome);
         let idle = match (lease, profile) {
@@ -253,7 +260,7 @@ impl Connection {
         let known = match (identified, profile.silent_clients) {
             (Identified::Ssh, _) | (Identified::Silent, SilentClients::Start) => None,
             (Identified::Silent, SilentClients::IfRunning) => {
-                match ctx.lifecycle.running(profile, peer) {
+                match ctx.lifecycle.running(profile, peer).await {
                     Some(vm) => Some(vm),
                     None => return (self.silent(profile, "and its VM is not running"), None),
                 }
@@ -263,14 +270,22 @@ impl Connection {
             }
         };
         // From here on the connection counts as a session of its VM: no stop while it waits or relays.
-        let lease = match ctx.lifecycle.join(profile, peer) {
-            Ok(lease) => Some(lease),
+        let lease = match ctx.lifecycle.join(profile, peer).await {
+            Ok(lease) => {
+                if let Some(e) = lease.unshared() {
+                    warn!(
+                        "the shared state is unusable ({e}); this connection's start is not shared"
+                    );
+                    self.stats.store_error = Some(e.to_string());
+                }
+                Some(lease)
+            }
             Err(e) => {
                 error!(
-                    "the shared state in {} is unusable ({e}); this connection's start is not shared and \
-                     its VM will not be stopped when idle",
-                    ctx.config.state_dir.display()
+                    "the shared state is unusable ({e}); this connection's start is not shared, and its VM \
+                     is not stopped on its account"
                 );
+                self.stats.store_error = Some(e.to_string());
                 None
             }
         };
@@ -378,8 +393,8 @@ impl Connection {
             self.stats.reason = Some(format!("relay ended: {e}"));
             return Outcome::Relayed;
         }
-        if let Some(lease) = lease {
-            lease.ready();
+        if let (Some(lease), Some(vm)) = (lease, self.stats.vm) {
+            lease.ready(vm).await;
         }
         if let (Some(peer), Some(vm)) = (self.peer, self.stats.vm) {
             ctx.status(&format!("relaying {peer} <-> {vm}"));

@@ -1,12 +1,18 @@
-//! Status: what `ssh-on-demand status` shows an operator of every VM this host knows, read from the shared
-//! state without changing it, while connections go on in other processes.
+//! Status: what `ssh-on-demand status` shows an operator of every VM the store knows, read without changing
+//! anything while connections go on in other processes (or on other hosts).
 
-use std::{fmt::Write, path::Path, time::Duration};
+use std::{fmt::Write, time::Duration};
 
-use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::vm::store::{Call, Phase, Store, VmDir, now_ms};
+use crate::{
+    config::Config,
+    vm::{
+        lifecycle::rules,
+        state::{Call, Holder, Millis, Phase, Shown},
+        store::{SessionInfo, Store, StoreError, VmKey, now_ms},
+    },
+};
 
 /// One VM as `status --json` shows it; the text form says the same in words.
 #[derive(Debug, Serialize)]
@@ -16,100 +22,72 @@ pub struct VmStatus {
     /// The client address the VM belongs to, unless the profile shares one VM.
     pub client: Option<String>,
     pub vm: Option<String>,
-    /// `new`, `starting`, `booting`, `up`, `idle`, `stopping`, `stopped`, `failed`, or `interrupted` for a
-    /// start or stop whose process died.
-    pub state: &'static str,
-    /// When that state began (ms since the epoch).
-    pub since: u64,
-    pub sessions: Vec<SessionStatus>,
+    pub state: Shown,
+    /// When that state began (ms since the epoch); `None` for a VM never started.
+    pub since: Option<Millis>,
+    pub sessions: Vec<SessionInfo>,
+    /// Who makes the start or stop call in flight.
+    pub holder: Option<Holder>,
     /// When the idle VM will be stopped (ms since the epoch), if a stop is due.
-    pub stop_due: Option<u64>,
-    /// The process that waits to stop it, if one is alive.
-    pub idle_waiter: Option<u32>,
+    pub stop_due: Option<Millis>,
     pub last_start: Option<Call>,
     pub last_stop: Option<Call>,
     pub starts: u64,
     pub stops: u64,
 }
 
-#[derive(Debug, Serialize)]
-pub struct SessionStatus {
-    pub client: String,
-    pub pid: u32,
-    pub since: u64,
+/// Every VM in `store`; `config` (when usable) gives each profile's idle timeout.
+pub async fn collect(store: &Store, config: Option<&Config>) -> Result<Vec<VmStatus>, StoreError> {
+    let mut vms = Vec::new();
+    for key in store.vms().await? {
+        if let Some(status) = vm_status(store, config, &key).await? {
+            vms.push(status);
+        }
+    }
+    Ok(vms)
 }
 
-/// Every VM under `state_dir`.
-pub fn collect(state_dir: &Path) -> Result<Vec<VmStatus>> {
-    let store = Store::new(state_dir);
-    let vms = store
-        .vms()
-        .with_context(|| format!("reading {}", state_dir.display()))?;
-    vms.iter()
-        .map(|dir| vm_status(dir).with_context(|| format!("reading {}", dir.key())))
-        .collect()
-}
-
-fn vm_status(dir: &VmDir) -> Result<VmStatus> {
-    let state = dir.state()?;
-    let sessions: Vec<SessionStatus> = dir
-        .sessions()?
-        .into_iter()
-        .filter(|s| s.live)
-        .filter_map(|s| s.info)
-        .map(|info| SessionStatus {
-            client: info.client.to_string(),
-            pid: info.pid,
-            since: info.since,
-        })
-        .collect();
-    let busy = dir.gate_busy()?;
-    let idle_waiter = state
-        .idle
-        .as_ref()
-        .map(|idle| idle.pid)
-        .filter(|pid| Path::new("/proc").join(pid.to_string()).exists());
-    let (label, since) = match state.phase {
-        Phase::Starting | Phase::Stopping if !busy => ("interrupted", state.since),
-        Phase::Up | Phase::Booting if sessions.is_empty() => (
-            "idle",
-            state
-                .last_disconnect
-                .unwrap_or(state.since)
-                .max(state.since),
-        ),
-        phase => (phase.as_str(), state.since),
+async fn vm_status(
+    store: &Store,
+    config: Option<&Config>,
+    key: &VmKey,
+) -> Result<Option<VmStatus>, StoreError> {
+    let Some(view) = store.view(key, false).await? else {
+        return Ok(None);
     };
-    let key = dir.key();
-    Ok(VmStatus {
+    let sessions = store.sessions(key).await?;
+    let record = view.record.clone();
+    let state = view.shown();
+    let rules = config
+        .and_then(|c| c.profile_labeled(&key.profile))
+        .map(|p| rules(p));
+    let stop_due = match record.phase {
+        Phase::Idle { .. } => rules.and_then(|r| r.stop_due(record.since)),
+        _ => None,
+    };
+    Ok(Some(VmStatus {
         key: key.to_string(),
         profile: key.profile.clone(),
         client: key.client.map(|c| c.to_string()),
-        vm: state.vm.map(|vm| vm.to_string()),
-        state: label,
-        since,
-        stop_due: (label == "idle")
-            .then(|| state.idle.as_ref().map(|idle| idle.due))
-            .flatten(),
-        idle_waiter: idle_waiter.filter(|_| label == "idle"),
+        vm: record.phase.vm().map(|vm| vm.to_string()),
+        state,
+        since: (state != Shown::New).then_some(record.since),
+        holder: record.phase.holder().cloned(),
         sessions,
-        last_start: state.last_start,
-        last_stop: state.last_stop,
-        starts: state.starts,
-        stops: state.stops,
-    })
+        stop_due,
+        last_start: record.last_start,
+        last_stop: record.last_stop,
+        starts: record.starts,
+        stops: record.stops,
+    }))
 }
 
-/// The text an operator reads.
-pub fn render(vms: &[VmStatus], state_dir: &Path) -> String {
+/// The text an operator reads. `store` is named when there is nothing to show.
+pub fn render(vms: &[VmStatus], store: &str) -> String {
     let now = now_ms();
     let mut out = String::new();
     if vms.is_empty() {
-        let _ = writeln!(
-            out,
-            "No VM has been started through this host yet ({}).",
-            state_dir.display()
-        );
+        let _ = writeln!(out, "No VM has been started through {store} yet.");
     }
     for vm in vms {
         let _ = writeln!(
@@ -122,28 +100,39 @@ pub fn render(vms: &[VmStatus], state_dir: &Path) -> String {
                 None => format!(" (profile {}, every client)", vm.profile),
             }
         );
-        let mut state = format!("{} since {}", vm.state, when(vm.since, now));
+        let mut state = vm.state.to_string();
+        if let Some(since) = vm.since {
+            let _ = write!(state, " since {}", when(since, now));
+        }
+        if let Some(holder) = &vm.holder {
+            let _ = write!(state, ", held by {}", holder_text(holder));
+        }
         if !vm.sessions.is_empty() {
             let _ = write!(state, ", {} session(s)", vm.sessions.len());
         }
-        match (vm.stop_due, vm.idle_waiter) {
-            (Some(due), Some(_)) => {
+        match vm.stop_due {
+            Some(due) if due >= now => {
                 let _ = write!(state, ", stop due {}", when(due, now));
             }
-            (Some(due), None) => {
+            Some(due) => {
                 let _ = write!(
                     state,
-                    ", stop was due {} but its waiter is gone: the next sweep stops it",
+                    ", stop was due {}: the next sweep stops it",
                     when(due, now)
                 );
             }
-            (None, _) => {}
+            None => {}
         }
         let _ = writeln!(out, "  state: {state}");
         for session in &vm.sessions {
+            let host = session
+                .host
+                .as_deref()
+                .map(|h| format!("host {h}, "))
+                .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "    {}  for {}  (pid {})",
+                "    {}  for {}  ({host}pid {})",
                 session.client,
                 age(session.since, now),
                 session.pid
@@ -166,6 +155,13 @@ pub fn render(vms: &[VmStatus], state_dir: &Path) -> String {
         }
     }
     out
+}
+
+fn holder_text(holder: &Holder) -> String {
+    match &holder.host {
+        Some(host) => format!("host {host} (pid {})", holder.pid),
+        None => format!("pid {}", holder.pid),
+    }
 }
 
 /// `2026-12-02T09:00:00Z (5m 3s ago)` or `(in 14m)`.

@@ -3,7 +3,7 @@
 
 use std::{fmt, time::Duration};
 
-use super::{Config, Profile};
+use super::{Config, EtcdConfig, Profile, StoreConfig};
 
 /// Prints as a TOML file an operator could use, with secrets masked.
 impl fmt::Display for Config {
@@ -21,6 +21,10 @@ impl fmt::Display for Config {
             "state_dir = {}",
             quoted(&self.state_dir.display().to_string())
         )?;
+        match &self.store {
+            StoreConfig::Local => writeln!(f, "state_store = \"local\"")?,
+            StoreConfig::Etcd(etcd) => etcd.fmt(f)?,
+        }
         let d = &self.daemon;
         writeln!(f, "max_sessions = {}", d.max_sessions)?;
         writeln!(f, "max_sessions_per_source = {}", d.max_sessions_per_source)?;
@@ -112,6 +116,39 @@ impl fmt::Display for Profile {
             "client_banner_timeout = {}",
             duration(self.client_banner_timeout)
         )
+    }
+}
+
+impl fmt::Display for EtcdConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "state_store = \"etcd\"")?;
+        let endpoints: Vec<String> = self.endpoints.iter().map(|e| quoted(e)).collect();
+        writeln!(f, "etcd_endpoints = [{}]", endpoints.join(", "))?;
+        writeln!(f, "etcd_prefix = {}", quoted(&self.prefix))?;
+        writeln!(f, "host_id = {}", quoted(&self.host_id))?;
+        writeln!(f, "etcd_lease_ttl = {}", duration(self.lease_ttl))?;
+        if let Some(ca) = &self.ca_file {
+            writeln!(f, "etcd_ca_file = {}", quoted(&ca.display().to_string()))?;
+        }
+        if let Some((cert, key)) = &self.identity {
+            writeln!(
+                f,
+                "etcd_cert_file = {}",
+                quoted(&cert.display().to_string())
+            )?;
+            writeln!(f, "etcd_key_file = {}", quoted(&key.display().to_string()))?;
+        }
+        match (&self.user, &self.password_source) {
+            (Some((user, password)), Some(source)) => {
+                writeln!(f, "etcd_user = {}", quoted(user))?;
+                writeln!(
+                    f,
+                    "etcd_password_file = {}  # password: {password}",
+                    quoted(&source.display().to_string())
+                )
+            }
+            _ => writeln!(f, "# no etcd user"),
+        }
     }
 }
 

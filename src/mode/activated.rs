@@ -16,7 +16,7 @@ use socket2::SockRef;
 use tracing::{error, info};
 
 use crate::{
-    config::Config,
+    config::{Config, StoreConfig},
     logging::is_tcp,
     session::{self, Context as SessionContext},
     vm::store::now_ms,
@@ -44,7 +44,7 @@ pub fn serve(config: Result<Config>) -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         let client = tokio::net::TcpStream::from_std(client)?;
-        let config = match config {
+        let config = match config.and_then(per_connection) {
             Ok(config) => config,
             Err(error) => return Ok(session::refuse_misconfigured(client, &error).await),
         };
@@ -70,6 +70,17 @@ pub fn serve(config: Result<Config>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The configuration, if this mode can serve it. The etcd store needs a process that lives between
+/// connections, to hold the host's lease and keep it alive: the daemon.
+fn per_connection(config: Config) -> Result<Config> {
+    ensure!(
+        matches!(config.store, StoreConfig::Local),
+        "state_store = \"etcd\" needs the daemon (ssh-on-demand-daemon.socket): a per-connection instance lives \
+         only as long as its connection and cannot hold this host's etcd lease"
+    );
+    Ok(config)
 }
 
 /// Takes the client's connection the way systemd passes it with `Accept=yes`: as fd 3 with `LISTEN_FDS=1`, or

@@ -26,12 +26,16 @@ use tracing::{error, info, warn};
 
 use crate::{
     cli::Cli,
-    config::Config,
+    config::{Config, StoreConfig},
     limits::Limits,
     metrics::{self, Metrics},
     report::Outcome,
     session::{self, Context},
-    vm::{lifecycle, store::now_ms},
+    vm::{
+        lifecycle::{self, IdleWatch},
+        state::Shown,
+        store::{Store, etcd::Etcd, local::Local, now_ms},
+    },
 };
 
 /// Keep-alive on client connections, as the per-connection socket unit sets it (`KeepAliveTimeSec=120`,
@@ -78,7 +82,11 @@ pub fn run(cli: &Cli, listen: &[(SocketAddr, Option<String>)]) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let daemon = Daemon::new(cli.clone(), config);
+        let store = match &config.store {
+            StoreConfig::Local => Store::Local(Local::new(&config.state_dir)),
+            StoreConfig::Etcd(etcd) => Store::Etcd(Etcd::connect(etcd, true).await?),
+        };
+        let daemon = Daemon::new(cli.clone(), config, store);
         let listeners = bind(inherited, listen).await?;
         daemon.serve(listeners).await
     });
@@ -165,6 +173,8 @@ struct Daemon {
     cli: Cli,
     /// Replaced whole by a reload; sessions keep the one they started with.
     current: RwLock<Arc<Context>>,
+    /// Outlives reloads: the etcd store holds this host's lease and sessions.
+    store: Store,
     limits: Arc<Limits>,
     metrics: Arc<Metrics>,
     refusing: Arc<tokio::sync::Semaphore>,
@@ -174,15 +184,22 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn new(cli: Cli, config: Config) -> Arc<Daemon> {
+    fn new(cli: Cli, config: Config, store: Store) -> Arc<Daemon> {
         let limits = Arc::new(Limits::default());
         let close = CancellationToken::new();
-        let ctx = Context::for_daemon(Arc::new(config), limits.clone(), close.clone());
+        let ctx = Context::for_daemon(
+            Arc::new(config),
+            store.clone(),
+            limits.clone(),
+            close.clone(),
+        );
+        let metrics = Arc::new(Metrics::new(&store));
         Arc::new(Daemon {
             cli,
             current: RwLock::new(Arc::new(ctx)),
+            store,
             limits,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             refusing: Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING)),
             close,
             sessions: TaskTracker::new(),
@@ -325,8 +342,20 @@ impl Daemon {
         let _ = sd_notify::notify(&[NotifyState::Reloading]);
         match Config::load(&self.cli) {
             Ok(config) => {
-                let ctx =
-                    Context::for_daemon(Arc::new(config), self.limits.clone(), self.close.clone());
+                if std::mem::discriminant(&config.store)
+                    != std::mem::discriminant(&self.current().config.store)
+                    || matches!(config.store, StoreConfig::Etcd(_))
+                {
+                    warn!(
+                        "the store's settings (state_store, etcd_*) apply at the next restart only"
+                    );
+                }
+                let ctx = Context::for_daemon(
+                    Arc::new(config),
+                    self.store.clone(),
+                    self.limits.clone(),
+                    self.close.clone(),
+                );
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ctx);
                 info!("configuration reloaded; it applies to new connections");
             }
@@ -335,45 +364,66 @@ impl Daemon {
         let _ = sd_notify::notify(&[NotifyState::Ready]);
     }
 
-    /// Stops VMs whose idle waiter died (at start, and then every minute), and keeps `STATUS=` current.
+    /// Stops VMs whose idle waiter died (at start, and then every minute; with etcd also as soon as another
+    /// host's sessions vanish, or this host's are back in the store), and keeps `STATUS=` current.
     async fn housekeeping(self: Arc<Self>) {
         let mut sweep = interval(SWEEP_EVERY);
         let mut status = interval(STATUS_EVERY);
+        let mut changes = match &self.store {
+            Store::Etcd(etcd) => Some(etcd.changes()),
+            Store::Local(_) => None,
+        };
         loop {
             tokio::select! {
                 _ = sweep.tick() => {
                     let ctx = self.current();
-                    for watch in lifecycle::sweep(&ctx.lifecycle, &ctx.config, u64::MAX).await {
-                        let Some(profile) = ctx.config.profile_labeled(&watch.key().profile) else {
-                            continue;
-                        };
-                        match ctx.api(profile) {
-                            Ok(api) => {
-                                let metrics = self.metrics.clone();
-                                tokio::spawn(async move { metrics.stop(watch.run(&api).await) });
-                            }
-                            Err(e) => error!("{e:#}"),
-                        }
-                    }
+                    let watches = lifecycle::sweep(&ctx.lifecycle, &ctx.config, u64::MAX).await;
+                    self.run_idle_watches(&ctx, watches);
+                }
+                Some(change) = async { changes.as_mut()?.recv().await } => {
+                    let ctx = self.current();
+                    let watches = match change {
+                        Some(key) => lifecycle::sweep_one(&ctx.lifecycle, &ctx.config, &key).await.into_iter().collect(),
+                        None => lifecycle::sweep(&ctx.lifecycle, &ctx.config, u64::MAX).await,
+                    };
+                    self.run_idle_watches(&ctx, watches);
                 }
                 _ = status.tick() => {
-                    let text = self.status_text();
+                    let text = self.status_text().await;
                     let _ = sd_notify::notify(&[NotifyState::Status(&text)]);
                 }
             }
         }
     }
 
+    fn run_idle_watches(&self, ctx: &Context, watches: Vec<IdleWatch>) {
+        for watch in watches {
+            let Some(profile) = ctx.config.profile_labeled(&watch.key().profile) else {
+                continue;
+            };
+            match ctx.api(profile) {
+                Ok(api) => {
+                    let metrics = self.metrics.clone();
+                    tokio::spawn(async move { metrics.stop(watch.run(&api).await) });
+                }
+                Err(e) => error!("{e:#}"),
+            }
+        }
+    }
+
     /// `12 sessions; lab: up, 3 sessions; ci@203.0.113.9: idle, stop due in 240 s`, for `systemctl status`.
-    fn status_text(&self) -> String {
-        let mut text = format!("{} sessions", self.limits.sessions());
+    async fn status_text(&self) -> String {
+        let sessions = self.limits.sessions();
+        let mut text = format!("{sessions} session{}", if sessions == 1 { "" } else { "s" });
         let ctx = self.current();
-        if let Ok(vms) = crate::status::collect(&ctx.config.state_dir) {
+        if let Ok(vms) = crate::status::collect(&self.store, Some(&ctx.config)).await {
+            self.metrics.set_vms(&vms);
             let now = now_ms();
-            for vm in vms.iter().filter(|vm| vm.state != "stopped").take(8) {
+            for vm in vms.iter().filter(|vm| vm.state != Shown::Stopped).take(8) {
                 text.push_str(&format!("; {}: {}", vm.key, vm.state));
                 if !vm.sessions.is_empty() {
-                    text.push_str(&format!(", {} sessions", vm.sessions.len()));
+                    let n = vm.sessions.len();
+                    text.push_str(&format!(", {n} session{}", if n == 1 { "" } else { "s" }));
                 }
                 if let Some(due) = vm.stop_due {
                     text.push_str(&format!(

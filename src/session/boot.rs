@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::time::{Instant, timeout_at};
-use tracing::{Span, error, field, info, warn};
+use tracing::{Span, error, field, info};
 
 use super::Context;
 use crate::{
@@ -65,6 +65,7 @@ impl Boot<'_> {
                 }
             }
         };
+        // Known addresses (a silent client's VM) were checked when they were recorded; checked again all the same.
         self.allowed(started.addr)?;
 
         self.ctx
@@ -103,7 +104,14 @@ impl Boot<'_> {
         self.ctx
             .status(&format!("starting the VM for {}", self.peer));
         let asked = Instant::now();
-        let call = || api.start(&request, self.deadline, profile.boot_timeout);
+        // An answer that points where no VM may be is a failed start: recorded and shared as one.
+        let call = || async {
+            let started = api
+                .start(&request, self.deadline, profile.boot_timeout)
+                .await?;
+            self.allowed(started.addr)?;
+            Ok(started)
+        };
         let started = match (self.known, self.lease) {
             (Some(addr), _) => {
                 info!("relaying a client that waits for the server to its running VM");
@@ -111,13 +119,12 @@ impl Boot<'_> {
             }
             (None, None) => call().await,
             (None, Some(lease)) => match timeout_at(self.deadline, lease.start(call())).await {
-                Ok(Ok((started, shared))) => {
-                    stats.shared_start = shared;
-                    started
-                }
-                Ok(Err(e)) => {
-                    warn!("shared state unusable ({e}); asking the start API alone");
-                    call().await
+                Ok(start) => {
+                    stats.shared_start = start.shared;
+                    if let Some(e) = start.store_error {
+                        stats.store_error = Some(e.to_string());
+                    }
+                    start.result
                 }
                 Err(_) => Err(ApiError::Deadline(Endpoint::Start, profile.boot_timeout)),
             },
@@ -144,8 +151,8 @@ impl Boot<'_> {
     }
 
     /// The operator's `vm_networks` allow connecting to `addr`.
-    fn allowed(&self, addr: SocketAddr) -> Result<(), Refusal> {
+    fn allowed(&self, addr: SocketAddr) -> Result<(), ApiError> {
         targets::check(addr.ip(), &self.profile.vm_networks, self.local.ip())
-            .map_err(|why| Refusal::NotAllowed { addr, why })
+            .map_err(|why| ApiError::NotAllowed { addr, why })
     }
 }

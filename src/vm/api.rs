@@ -22,6 +22,7 @@ use serde::Serialize;
 use tokio::time::{Instant, timeout};
 use tracing::info;
 
+use super::targets::NotAllowed;
 use crate::{config::Profile, retry::Backoff, secret::SecretUrl};
 
 mod answer;
@@ -121,6 +122,12 @@ pub enum ApiError {
     TooLarge(Endpoint),
     #[error("the start API's answer is unusable: {0}")]
     BadAnswer(#[from] Unusable),
+    /// The answer points where no VM may be (`vm_networks`): a failed start, like any unusable answer.
+    #[error(
+        "the start API answered {ip}, which is {why}; the operator can allow it in vm_networks",
+        ip = .addr.ip()
+    )]
+    NotAllowed { addr: SocketAddr, why: NotAllowed },
     /// Another connection's start of the same VM, whose answer this connection shares.
     #[error("{0}")]
     Shared(String),

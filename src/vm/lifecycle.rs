@@ -1,32 +1,39 @@
-//! Lifecycle: one start call for a burst of connections, sessions that keep their VM up, and the idle stop,
-//! the same in both modes, through the shared [`store`](super::store).
+//! Lifecycle: drives each VM's [`state`](super::state) machine with a [`store`](super::store) and the APIs,
+//! the same in both modes and with either store.
 //!
 //! A connection registers as a session of its VM as soon as it has identified ([`Lifecycle::join`]) and
-//! stays one until it ends, relayed or not. Its start ([`Lease::start`]) is made under the VM's gate: a
-//! connection that finds a start in flight, or the VM still booting from one, shares that start's answer.
-//! When the last session ends ([`Lease::leave`]), one process (or task) becomes the VM's idle waiter
-//! ([`IdleWatch`]): it stops the VM once `idle_timeout` has passed since the last disconnect, unless a session
-//! exists by then. A connection that arrives while the stop call is in flight waits at the gate for it, then
-//! starts the VM again. A process killed in the middle leaves no lock behind; what it leaves undone (an idle
-//! wait, a session's disconnect) the next [`sweep`] takes over.
+//! stays one until it ends, relayed or not. Its start ([`Lease::start`]) follows the machine: it makes the
+//! call itself, holding the VM's start, or shares another connection's, or waits for a stop in flight. When
+//! the last session ends ([`Lease::leave`]), one process (or task) becomes the VM's idle waiter
+//! ([`IdleWatch`]), which stops the VM once the machine says it is due. What a killed process leaves undone,
+//! the next [`sweep`] takes over.
 
-use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use tracing::{Instrument, Level, debug, info_span, warn};
 
 use super::{
     api::{Api, ApiError, Started, StopRequest},
-    store::{
-        Call, Gate, IdleLock, IdleWait, Phase, SessionFile, SessionInfo, Store, VmDir, VmKey,
-        VmState, now_ms,
-    },
+    state::{self, Action, Event, Holder, Millis, Rules, View},
+    store::{Registration, SessionInfo, Store, StoreError, VmKey, now_ms},
 };
 use crate::{cli::VmScope, config::Profile};
 
 /// Journal `MESSAGE_ID` of every decision about a VM's life: idle wait, stop or not, and why.
 pub const LIFECYCLE_MESSAGE_ID: &str = "7b0c9e52d4a84f61a3e1c05d2f96b8e4";
+/// How often a due stop is looked at again while this host may not decide (its sessions are not all in the
+/// store yet).
+pub const DEFERRED_RETRY: Duration = Duration::from_secs(1);
 
-/// The shared state of every VM of this host.
+/// The VMs of this host, in their store.
 #[derive(Debug, Clone)]
 pub struct Lifecycle {
     store: Store,
@@ -42,28 +49,45 @@ impl Lifecycle {
     }
 
     /// The address of the VM that `client` would get under `profile`, if it is running (or booting) as far as
-    /// this host knows: for a client that says nothing, which must not start it.
-    pub fn running(&self, profile: &Profile, client: SocketAddr) -> Option<SocketAddr> {
-        let dir = self.store.existing(&key(profile, client))?;
-        dir.state().ok()?.running(now_ms())
+    /// the store knows: for a client that says nothing, which must not start it.
+    pub async fn running(&self, profile: &Profile, client: SocketAddr) -> Option<SocketAddr> {
+        let view = self.store.view(&key(profile, client), false).await.ok()??;
+        view.record.phase.running(now_ms())
     }
 
     /// Registers the connection from `client` as a session of its VM under `profile`.
-    pub fn join(&self, profile: &Arc<Profile>, client: SocketAddr) -> io::Result<Lease> {
+    pub async fn join(
+        &self,
+        profile: &Arc<Profile>,
+        client: SocketAddr,
+    ) -> Result<Lease, StoreError> {
         let key = key(profile, client);
-        let dir = self.store.vm(&key)?;
-        let session = dir.register(&SessionInfo {
+        let info = SessionInfo {
             client,
             pid: std::process::id(),
             since: now_ms(),
-        })?;
-        // Registered first: a start that ends after this read is one this connection was there for.
-        let seen = dir.state()?;
+            host: self.store.host().map(str::to_owned),
+        };
+        let session = self.store.register(&key, &info).await?;
+        // Registered first: a start that ends after this read is one this connection was there for. Without
+        // it the session still counts (it is written when the store is back), but shares no start.
+        let (starts_seen, running, unshared) = match self.store.view(&key, false).await {
+            Ok(Some(seen)) => (
+                seen.record.starts,
+                seen.record.phase.running(now_ms()),
+                None,
+            ),
+            Ok(None) => (0, None, None),
+            Err(e) => (u64::MAX, None, Some(e)),
+        };
         Ok(Lease {
-            dir,
+            store: self.store.clone(),
+            key,
             session: Some(session),
-            starts_seen: seen.starts,
-            running: seen.running(now_ms()),
+            starts_seen,
+            running,
+            unshared,
+            booting: AtomicBool::new(false),
             profile: profile.clone(),
         })
     }
@@ -77,22 +101,40 @@ pub fn key(profile: &Profile, client: SocketAddr) -> VmKey {
     }
 }
 
+/// The machine's rules of `profile`.
+pub fn rules(profile: &Profile) -> Rules {
+    Rules {
+        boot_timeout: profile.boot_timeout,
+        idle_timeout: profile.stop.as_ref().map(|stop| stop.idle_timeout),
+    }
+}
+
 /// One connection's registration with its VM.
 #[derive(Debug)]
 pub struct Lease {
-    dir: VmDir,
+    store: Store,
+    key: VmKey,
     /// `None` once the session has ended, before [`Lease::leave`] records it.
-    session: Option<SessionFile>,
+    session: Option<Registration>,
     /// Starts of the VM that had ended when this connection joined: a later one ended while it was there.
     starts_seen: u64,
     /// The VM's address when this connection joined, if it was running.
     running: Option<SocketAddr>,
+    /// Why the store could not be read when this connection joined: its start will not be shared.
+    unshared: Option<StoreError>,
+    /// This connection's VM was booting (its own start, or a shared one): its sshd's answer is news.
+    booting: AtomicBool,
     profile: Arc<Profile>,
 }
 
 impl Lease {
     pub fn key(&self) -> &VmKey {
-        self.dir.key()
+        &self.key
+    }
+
+    /// Why the store could not be read when the connection joined, if it could not.
+    pub fn unshared(&self) -> Option<&StoreError> {
+        self.unshared.as_ref()
     }
 
     /// The VM's address if it was running when this connection joined: most likely where the start API
@@ -101,190 +143,230 @@ impl Lease {
         self.running
     }
 
-    /// The VM's address: from a start of another connection that was in flight when this one joined or is
-    /// still booting, or else from `call`, made under the gate so that connections arriving meanwhile share
-    /// it. `shared` tells which.
-    pub async fn start<F>(&self, call: F) -> io::Result<(Result<Started, ApiError>, bool)>
+    /// The VM's address: shared from another connection's start, or from `call`, made by this connection as
+    /// the holder of the VM's start (or, for a VM that runs, holding nothing). A stop in flight is waited for
+    /// first. If the store cannot be used, `call` is made alone, and the store learns of its answer once it
+    /// is back.
+    pub async fn start<F>(&self, call: F) -> Start
     where
         F: Future<Output = Result<Started, ApiError>>,
     {
-        let gate = match self.dir.try_gate()? {
-            Some(gate) => gate,
-            None => {
-                debug!(vm_key = %self.key(), "waiting for the start or stop in progress");
-                self.dir.gate().await?
+        let mut call = Some(call);
+        match self.start_in_store(&mut call).await {
+            Ok((result, shared)) => Start {
+                result,
+                shared,
+                store_error: None,
+            },
+            Err(e) => {
+                warn!("the shared state is unusable ({e}); asking the start API alone");
+                let result = match call.take() {
+                    Some(call) => call.await,
+                    None => Err(ApiError::Shared(e.to_string())),
+                };
+                if let Ok(started) = &result {
+                    self.store.unrecorded_start(&self.key, started.addr);
+                }
+                Start {
+                    result,
+                    shared: false,
+                    store_error: Some(e),
+                }
             }
-        };
-        let mut state = gate.read()?;
-        if let Some(shared) = self.shareable(&state) {
-            return Ok((shared, true));
-        }
-        let before = state.clone();
-        state.enter(Phase::Starting, now_ms());
-        gate.write(&state)?;
-        let began = now_ms();
-        let result = call.await;
-        let now = now_ms();
-        let (ok, detail) = match &result {
-            Ok(started) => {
-                state.enter(Phase::Booting, now);
-                state.vm = Some(started.addr);
-                state.booting_until = Some(now + millis(self.profile.boot_timeout));
-                (true, started.addr.to_string())
-            }
-            // A VM that ran before this failed call may run still: what was known of it stays, so that
-            // it is stopped once idle.
-            Err(error) if before.may_run() => {
-                state.phase = before.phase;
-                state.since = before.since;
-                state.pid = None;
-                (false, error.to_string())
-            }
-            Err(error) => {
-                state.enter(Phase::Failed, now);
-                state.booting_until = None;
-                (false, error.to_string())
-            }
-        };
-        state.starts += 1;
-        state.last_start = Some(Call {
-            at: now,
-            ok,
-            detail,
-            ms: now - began,
-        });
-        // The call was made: its answer stands even if the others cannot share it.
-        if let Err(e) = gate.write(&state) {
-            warn!("recording the start in {}: {e}", self.dir.key());
-        }
-        Ok((result, false))
-    }
-
-    /// Another connection's start that this one may take as its own.
-    fn shareable(&self, state: &VmState) -> Option<Result<Started, ApiError>> {
-        let fresh = state
-            .last_start
-            .as_ref()
-            .filter(|_| state.starts > self.starts_seen);
-        let booting = state.booting(now_ms());
-        match (fresh, state.vm) {
-            (Some(call), _) if !call.ok => Some(Err(ApiError::Shared(call.detail.clone()))),
-            (Some(_), Some(addr)) => Some(Ok(Started { addr, attempts: 0 })),
-            (None, Some(addr)) if booting => Some(Ok(Started { addr, attempts: 0 })),
-            _ => None,
         }
     }
 
-    /// The VM's sshd answered: later connections ask the start API again rather than share a boot. Skipped
-    /// if the gate is busy: the next connection to get through will say it.
-    pub fn ready(&self) {
-        let Ok(Some(gate)) = self.dir.try_gate() else {
+    /// [`Lease::start`] through the store; `call` is taken only once nothing can fail any more.
+    async fn start_in_store<F>(
+        &self,
+        call: &mut Option<F>,
+    ) -> Result<(Result<Started, ApiError>, bool), StoreError>
+    where
+        F: Future<Output = Result<Started, ApiError>>,
+    {
+        let rules = rules(&self.profile);
+        let mut call = || {
+            call.take()
+                .ok_or_else(|| StoreError::Etcd("the start was made already".to_owned()))
+        };
+        let mut claim: Option<Registration> = None;
+        loop {
+            let me = holder(&self.store, claim.as_ref());
+            let (view, action) = self
+                .store
+                .transact(&self.key, false, |view| {
+                    let event = Event::Login {
+                        me: &me,
+                        starts_seen: self.starts_seen,
+                    };
+                    let step = state::step(view, event, now_ms(), &rules);
+                    match step.action {
+                        // Holding a start takes a registration: made now, then decided again.
+                        Action::CallStart if claim.is_none() => (state::Write::Keep, step.action),
+                        _ => (step.write, step.action),
+                    }
+                })
+                .await?;
+            match action {
+                Action::CallStart if claim.is_none() => {
+                    claim = Some(self.store.claim(&self.key).await?);
+                }
+                Action::CallStart => {
+                    let began = Instant::now();
+                    let result = call()?.await;
+                    let answer = result.as_ref().map(|s| s.addr).map_err(|e| e.to_string());
+                    let event = Event::Started {
+                        me: &me,
+                        answer: answer.as_ref().map(|a| *a).map_err(String::as_str),
+                        ms: began.elapsed().as_millis() as u64,
+                    };
+                    // The call was made: its answer stands even if the others cannot share it.
+                    if let Err(e) = self.apply(event, &rules).await {
+                        warn!("recording the start of {}: {e}", self.key);
+                    }
+                    self.booting.store(result.is_ok(), Ordering::Relaxed);
+                    return Ok((result, false));
+                }
+                Action::Warm(known) => {
+                    let result = call()?.await;
+                    if let Ok(started) = &result
+                        && started.addr != known
+                        && let Err(e) = self
+                            .apply(Event::Answered { vm: started.addr }, &rules)
+                            .await
+                    {
+                        warn!("recording the VM's new address for {}: {e}", self.key);
+                    }
+                    return Ok((result, false));
+                }
+                Action::Share(vm) => {
+                    self.booting.store(true, Ordering::Relaxed);
+                    return Ok((
+                        Ok(Started {
+                            addr: vm,
+                            attempts: 0,
+                        }),
+                        true,
+                    ));
+                }
+                Action::ShareFailure(detail) => return Ok((Err(ApiError::Shared(detail)), true)),
+                Action::Wait => {
+                    debug!(vm_key = %self.key, "waiting for the start or stop in progress");
+                    self.store.wait(&self.key, &view).await?;
+                }
+                // A login is never told to stop or wait for a time; asked anyway, it asks the API alone.
+                Action::Nothing | Action::CallStop(_) | Action::WaitUntil(_) => {
+                    return Ok((call()?.await, false));
+                }
+            }
+        }
+    }
+
+    /// The VM's sshd answered at `vm`: later connections ask the start API again rather than share a boot.
+    pub async fn ready(&self, vm: SocketAddr) {
+        if !self.booting.load(Ordering::Relaxed) {
             return;
-        };
-        if let Ok(mut state) = gate.read()
-            && state.phase == Phase::Booting
-        {
-            state.enter(Phase::Up, now_ms());
-            state.booting_until = None;
-            let _ = gate.write(&state);
+        }
+        let rules = rules(&self.profile);
+        if let Err(e) = self.apply(Event::Ready { vm }, &rules).await {
+            debug!("recording that {} is up: {e}", self.key);
         }
     }
 
-    /// Ends the session. If it was the VM's last one, the VM may be running and a stop API is configured,
-    /// returns the idle wait for the caller to run; `None` if another process waits already, or nothing will.
-    /// The session is over: from now on it keeps the VM up no more. (The rest is [`Lease::leave`]'s.)
-    pub fn end(&mut self) {
-        self.session = None;
+    async fn apply(&self, event: Event<'_>, rules: &Rules) -> Result<(), StoreError> {
+        self.store
+            .transact(&self.key, false, |view| {
+                (state::step(view, event, now_ms(), rules).write, ())
+            })
+            .await
+            .map(drop)
     }
 
-    pub async fn leave(mut self) -> io::Result<Option<IdleWatch>> {
-        self.end();
-        let Lease { dir, profile, .. } = self;
-        let gate = dir.gate().await?;
-        let mut state = gate.read()?;
-        let now = now_ms();
-        state.last_disconnect = Some(now);
-        let Some(stop) = &profile.stop else {
-            gate.write(&state)?;
+    /// The session is over: from now on it keeps the VM up no more. (Recording it is [`Lease::leave`]'s.)
+    pub async fn end(&mut self) {
+        if let Some(session) = self.session.take() {
+            self.store.end(&self.key, session).await;
+        }
+    }
+
+    /// Ends the session and records it. If it was the VM's last one and a stop is due some day, returns the
+    /// idle wait for the caller to run; `None` if another process (or task) waits already, or nothing will.
+    pub async fn leave(mut self) -> Result<Option<IdleWatch>, StoreError> {
+        self.end().await;
+        let rules = rules(&self.profile);
+        let (view, action) = self
+            .store
+            .transact(&self.key, true, |view| {
+                let step = state::step(view, Event::Left, now_ms(), &rules);
+                (step.write, step.action)
+            })
+            .await?;
+        let Action::WaitUntil(due) = action else {
             return Ok(None);
         };
-        let due = now + millis(stop.idle_timeout);
-        if let Some(idle) = &mut state.idle {
-            // The waiter re-reads the clock when it wakes.
-            idle.due = due;
-        }
-        let (live, _) = gate.live_sessions()?;
-        let idle = if live == 0 && state.may_run() {
-            gate.try_idle()?
-        } else {
-            None
+        let Some(waiter) = self.store.try_idle_waiter(&self.key)? else {
+            return Ok(None);
         };
-        let watch = idle.map(|lock| IdleWatch::begin(&mut state, &dir, lock, &profile, due));
-        gate.write(&state)?;
-        if watch.is_some() {
-            decision(
-                Level::INFO,
-                &dir,
-                &state,
-                "idle",
-                "the last session ended",
-                Duration::ZERO,
-            );
-        }
-        Ok(watch)
+        decision(
+            Level::INFO,
+            &self.key,
+            &view,
+            "idle",
+            "the last session ended",
+            Duration::ZERO,
+        );
+        Ok(Some(IdleWatch {
+            store: self.store,
+            key: self.key,
+            profile: self.profile,
+            due,
+            _waiter: waiter,
+        }))
     }
+}
+
+/// A connection's start: the VM's address or why not, whether it was another connection's, and why the
+/// store could not be used if it could not.
+pub struct Start {
+    pub result: Result<Started, ApiError>,
+    pub shared: bool,
+    pub store_error: Option<StoreError>,
 }
 
 /// How an idle wait ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {
     Stopped,
-    /// The stop API failed; the sweep tries again after another idle timeout.
+    /// The stop API failed; it is tried again after another idle timeout.
     Failed,
-    /// A session came, or the VM is not running: nothing to stop.
+    /// A session came, or the VM is not running, or another holds its stop: nothing to stop here.
     Kept,
 }
 
-/// The one wait for a VM's idle timeout, and the stop at its end.
+/// The wait for a VM's idle timeout, and the stop at its end.
 #[derive(Debug)]
 pub struct IdleWatch {
-    dir: VmDir,
-    lock: IdleLock,
+    store: Store,
+    key: VmKey,
     profile: Arc<Profile>,
-    due: u64,
+    due: Millis,
+    _waiter: Registration,
 }
 
 impl IdleWatch {
-    /// This process becomes the VM's waiter, holding `lock`, until `due`; `state` says so once written.
-    fn begin(
-        state: &mut VmState,
-        dir: &VmDir,
-        lock: IdleLock,
-        profile: &Arc<Profile>,
-        due: u64,
-    ) -> IdleWatch {
-        state.idle = Some(IdleWait::mine(due));
-        IdleWatch {
-            dir: dir.clone(),
-            lock,
-            profile: profile.clone(),
-            due,
-        }
-    }
-
     pub fn key(&self) -> &VmKey {
-        self.dir.key()
+        &self.key
     }
 
     /// When the VM is to be stopped unless a connection comes (ms since the epoch).
-    pub fn due(&self) -> u64 {
+    pub fn due(&self) -> Millis {
         self.due
     }
 
-    /// Waits until the VM has been idle for its `idle_timeout`, then stops it through `api`, unless a session
-    /// exists by then. Returns once the VM is stopped, kept, or its stop failed; every decision is logged.
+    /// Waits until the machine says the VM is due, then stops it through `api`, unless a session exists by
+    /// then. Returns once the VM is stopped, kept, or its stop failed; every decision is logged.
     pub async fn run(self, api: &Api) -> Stopped {
-        let span = info_span!("vm", vm_key = %self.dir.key(), profile = %self.profile.label());
+        let span = info_span!("vm", vm_key = %self.key, profile = %self.profile.label());
         match self.wait_and_stop(api).instrument(span.clone()).await {
             Ok(stopped) => stopped,
             Err(e) => {
@@ -294,129 +376,136 @@ impl IdleWatch {
         }
     }
 
-    async fn wait_and_stop(mut self, api: &Api) -> io::Result<Stopped> {
+    async fn wait_and_stop(mut self, api: &Api) -> Result<Stopped, StoreError> {
+        let rules = rules(&self.profile);
+        let mut deferred = false;
+        loop {
+            tokio::time::sleep(Duration::from_millis(self.due.saturating_sub(now_ms()))).await;
+            if !self.store.may_decide() {
+                if !deferred {
+                    defer(&self.store, &self.key);
+                    deferred = true;
+                }
+                self.due = now_ms() + state::millis(DEFERRED_RETRY);
+                continue;
+            }
+            deferred = false;
+            let claim = self.store.claim(&self.key).await?;
+            let me = holder(&self.store, Some(&claim));
+            let (view, action) = self
+                .store
+                .transact(&self.key, true, |view| {
+                    let step = state::step(view, Event::Tick { me: &me }, now_ms(), &rules);
+                    (step.write, step.action)
+                })
+                .await?;
+            match action {
+                Action::WaitUntil(due) => self.due = due,
+                Action::CallStop(vm) => {
+                    return self.stop(api, &view, vm, &me, &rules).await;
+                }
+                _ => {
+                    let why = match view.sessions {
+                        Some(n) if n > 0 => format!("{n} session(s) open"),
+                        _ => format!("the VM is {}", view.shown()),
+                    };
+                    decision(Level::INFO, &self.key, &view, "keep", &why, Duration::ZERO);
+                    return Ok(Stopped::Kept);
+                }
+            }
+        }
+    }
+
+    /// Calls the stop API as the holder of the VM's stop, and records how it went.
+    async fn stop(
+        &self,
+        api: &Api,
+        view: &View,
+        vm: SocketAddr,
+        me: &Holder,
+        rules: &Rules,
+    ) -> Result<Stopped, StoreError> {
         let Some(stop) = &self.profile.stop else {
             return Ok(Stopped::Kept);
         };
-        loop {
-            let wait = self.due.saturating_sub(now_ms());
-            tokio::time::sleep(Duration::from_millis(wait)).await;
-            let gate = self.dir.gate().await?;
-            let mut state = gate.read()?;
-            let now = now_ms();
-            let (live, dead) = gate.live_sessions()?;
-            if dead > 0 {
-                // Their processes died at some time before now: count the idle time from now.
-                state.last_disconnect = Some(now);
+        let idle = Duration::from_millis(now_ms().saturating_sub(view.record.since));
+        decision(Level::INFO, &self.key, view, "stop", "idle", idle);
+        let request = StopRequest {
+            vm_ip: vm.ip(),
+            port: vm.port(),
+            profile: self.profile.name.as_deref(),
+            client_addr: self.key.client,
+            idle_seconds: idle.as_secs(),
+        };
+        let began = Instant::now();
+        let result = match api.stop(&request, stop.timeout).await {
+            Some(Ok(_)) | None => Ok(()),
+            Some(Err(error)) => Err(error.to_string()),
+        };
+        let event = Event::StopDone {
+            me,
+            result: result.as_ref().map(|_| ()).map_err(String::as_str),
+            ms: began.elapsed().as_millis() as u64,
+        };
+        let (after, ()) = self
+            .store
+            .transact(&self.key, false, |view| {
+                (state::step(view, event, now_ms(), rules).write, ())
+            })
+            .await?;
+        Ok(match result {
+            Ok(()) => {
+                decision(Level::INFO, &self.key, &after, "stopped", "stopped", idle);
+                Stopped::Stopped
             }
-            let reason = if live > 0 {
-                Some(format!("{live} session(s) open"))
-            } else if !state.may_run() {
-                Some(format!("the VM is {}", state.phase.as_str()))
-            } else {
-                None
-            };
-            if let Some(reason) = reason {
-                state.idle = None;
-                gate.write(&state)?;
-                decision(
-                    Level::INFO,
-                    &self.dir,
-                    &state,
-                    "keep",
-                    &reason,
-                    Duration::ZERO,
-                );
-                return Ok(Stopped::Kept);
+            Err(detail) => {
+                decision(Level::WARN, &self.key, &after, "stop_failed", &detail, idle);
+                Stopped::Failed
             }
-            let idle_since = state.last_disconnect.unwrap_or(now);
-            let due = idle_since + millis(stop.idle_timeout);
-            if now < due {
-                self.due = due;
-                state.idle = Some(IdleWait::mine(due));
-                gate.write(&state)?;
-                continue;
-            }
-            let idle = Duration::from_millis(now - idle_since);
-            return stop_vm(&gate, &mut state, &self.profile, api, idle, self.lock).await;
-        }
+        })
     }
 }
 
-/// Stops the VM under `gate`, then lets the idle lock go before the gate does (so that whoever takes the gate
-/// next can become the waiter).
-async fn stop_vm(
-    gate: &Gate,
-    state: &mut VmState,
-    profile: &Profile,
-    api: &Api,
-    idle: Duration,
-    idle_lock: IdleLock,
-) -> io::Result<Stopped> {
-    let dir = gate.dir().clone();
-    let (Some(stop), Some(vm)) = (&profile.stop, state.vm) else {
-        state.idle = None;
-        gate.write(state)?;
-        return Ok(Stopped::Kept);
-    };
-    state.enter(Phase::Stopping, now_ms());
-    state.idle = None;
-    gate.write(state)?;
-    decision(Level::INFO, &dir, state, "stop", "idle", idle);
-    let request = StopRequest {
-        vm_ip: vm.ip(),
-        port: vm.port(),
-        profile: profile.name.as_deref(),
-        client_addr: dir.key().client,
-        idle_seconds: idle.as_secs(),
-    };
-    let began = now_ms();
-    let result = api.stop(&request, stop.timeout).await;
-    let now = now_ms();
-    let (ok, detail) = match &result {
-        Some(Ok(_)) | None => (true, "stopped".to_owned()),
-        Some(Err(error)) => (false, error.to_string()),
-    };
-    state.last_stop = Some(Call {
-        at: now,
-        ok,
-        detail: detail.clone(),
-        ms: now - began,
-    });
-    let stopped = if ok {
-        state.enter(Phase::Stopped, now);
-        state.stops += 1;
-        gate.write(state)?;
-        decision(Level::INFO, &dir, state, "stopped", &detail, idle);
-        Stopped::Stopped
-    } else {
-        // Still up, as far as anyone knows: the next try comes after another idle timeout, by the sweep.
-        state.enter(Phase::Up, now);
-        state.last_disconnect = Some(now);
-        gate.write(state)?;
-        decision(Level::WARN, &dir, state, "stop_failed", &detail, idle);
-        Stopped::Failed
-    };
-    drop(idle_lock);
-    Ok(stopped)
+/// Says that a decision about `key` waits for the store (journal record and metric).
+pub(crate) fn defer(store: &Store, key: &VmKey) {
+    if let Store::Etcd(etcd) = store {
+        etcd.counters().deferred.inc();
+    }
+    tracing::event!(
+        Level::WARN,
+        message_id = LIFECYCLE_MESSAGE_ID,
+        vm_key = %key,
+        profile = %key.profile,
+        decision = "deferred",
+        why = "the store is not reachable, or this host's sessions are not all in it yet",
+        "{key}: deferred (the store is not reachable, or this host's sessions are not all in it yet)"
+    );
+}
+
+/// This process as the holder of a call, by its registration (none yet: a placeholder that holds nothing).
+fn holder(store: &Store, claim: Option<&Registration>) -> Holder {
+    Holder {
+        host: store.host().map(str::to_owned),
+        pid: std::process::id(),
+        claim: claim.map(|c| c.name.clone()).unwrap_or_default(),
+    }
 }
 
 /// One journal record per decision, with the fields an operator filters on.
-fn decision(level: Level, dir: &VmDir, state: &VmState, decision: &str, why: &str, idle: Duration) {
-    let vm = state.vm.map(|vm| vm.to_string());
+fn decision(level: Level, key: &VmKey, view: &View, decision: &str, why: &str, idle: Duration) {
+    let vm = view.record.phase.vm().map(|vm| vm.to_string());
     macro_rules! record {
         ($level:expr) => {
             tracing::event!(
                 $level,
                 message_id = LIFECYCLE_MESSAGE_ID,
-                vm_key = %dir.key(),
-                profile = %dir.key().profile,
+                vm_key = %key,
+                profile = %key.profile,
                 vm = vm.as_deref(),
                 decision,
                 why,
                 idle_s = idle.as_secs(),
-                "{}: {decision} ({why})",
-                dir.key()
+                "{key}: {decision} ({why})"
             )
         };
     }
@@ -427,12 +516,8 @@ fn decision(level: Level, dir: &VmDir, state: &VmState, decision: &str, why: &st
     }
 }
 
-fn millis(duration: Duration) -> u64 {
-    duration.as_millis() as u64
-}
-
 mod sweep;
 #[cfg(test)]
 mod tests;
 
-pub use sweep::sweep;
+pub use sweep::{sweep, sweep_one};

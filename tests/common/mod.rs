@@ -8,6 +8,7 @@ pub mod companion;
 pub mod container;
 #[path = "../../ssh-on-demand-api/tests/common/emulator.rs"]
 pub mod emulator;
+pub mod etcd;
 pub mod log;
 pub mod netns;
 pub mod proxy;

@@ -271,9 +271,9 @@ impl Proxy {
             .try_wait_until(limit, |lines| summaries(lines).get(n - 1).cloned())
     }
 
-    /// `ssh-on-demand status --json` of this proxy's state directory.
+    /// `ssh-on-demand status --json` with this proxy's settings: its state directory, or its etcd store.
     pub fn status(&self) -> serde_json::Value {
-        status(&self.state_dir)
+        status_with(&self.state_dir, &self.args)
     }
 
     /// Sends `signal` to the daemon (or to systemd-socket-activate).
@@ -290,9 +290,15 @@ impl Proxy {
 
 /// `ssh-on-demand status --json` of `state_dir`, as an operator would run it.
 pub fn status(state_dir: &Path) -> serde_json::Value {
+    status_with(state_dir, &[])
+}
+
+/// The same with more settings (a proxy's own, to read its etcd store).
+pub fn status_with(state_dir: &Path, args: &[String]) -> serde_json::Value {
     let output = Command::new(BINARY)
         .args(["status", "--json", "--config=/dev/null"])
         .arg(format!("--state-dir={}", state_dir.display()))
+        .args(args)
         .stdin(Stdio::null())
         .output()
         .unwrap();

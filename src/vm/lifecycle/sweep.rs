@@ -1,87 +1,108 @@
-//! The sweep: takes over what killed processes left undone (an idle wait, a session's disconnect), and
-//! forgets VMs that have not run for a long time. Run every minute by the sweep's timer, and by the daemon.
+//! The sweep: takes over what killed processes (or lost hosts) left undone: a session's end that was never
+//! recorded, an idle wait nobody runs any more, a call whose process died; and forgets VMs that have not run
+//! for a day. Run every minute by the sweep's timer, and by the daemon.
 
-use std::{io, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use tracing::{Level, debug, warn};
+use tracing::{Level, warn};
 
-use super::{IdleWatch, Lifecycle, decision, millis};
+use super::{IdleWatch, Lifecycle, decision, holder, rules};
 use crate::{
     config::{Config, Profile},
-    vm::store::{VmDir, now_ms},
+    vm::{
+        state::{self, Action, Event, Rules},
+        store::{StoreError, VmKey, now_ms},
+    },
 };
 
-/// Takes over what killed processes left undone: for every VM that may run, has no session and no idle
-/// waiter, counts the idle time from its last disconnect (or from now, if a session died without saying
-/// so) and returns its idle wait if due by `adopt_until`; later ones are left for a later sweep.
+/// Steps every VM's machine with a tick, and returns the idle waits due by `adopt_until` that this process
+/// takes over (later ones are left for a later sweep).
 pub async fn sweep(lifecycle: &Lifecycle, config: &Config, adopt_until: u64) -> Vec<IdleWatch> {
     let mut watches = Vec::new();
-    let vms = match lifecycle.store.vms() {
+    if !lifecycle.store.may_decide() {
+        return watches;
+    }
+    let vms = match lifecycle.store.vms().await {
         Ok(vms) => vms,
         Err(e) => {
-            warn!("reading {}: {e}", lifecycle.store.root().display());
+            warn!("sweeping: {e}");
             return watches;
         }
     };
-    for dir in vms {
-        let profile = config.profile_labeled(&dir.key().profile);
-        match sweep_vm(&dir, profile, adopt_until).await {
+    for key in vms {
+        let profile = config.profile_labeled(&key.profile);
+        match sweep_vm(lifecycle, &key, profile, adopt_until).await {
             Ok(Some(watch)) => watches.push(watch),
             Ok(None) => {}
-            Err(e) => warn!(vm_key = %dir.key(), "sweeping: {e}"),
+            Err(e) => warn!(vm_key = %key, "sweeping: {e}"),
         }
     }
     watches
 }
 
-/// How long the state of a VM that does not run stays after its last change. Every client address that
-/// ever identified has a VM here (per-client scope): without this, scanners would grow the directory forever.
-pub(super) const FORGET_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+/// The sweep of one VM: the store says it lost a session without its host saying so.
+pub async fn sweep_one(lifecycle: &Lifecycle, config: &Config, key: &VmKey) -> Option<IdleWatch> {
+    if !lifecycle.store.may_decide() {
+        return None;
+    }
+    let profile = config.profile_labeled(&key.profile);
+    sweep_vm(lifecycle, key, profile, u64::MAX)
+        .await
+        .unwrap_or_else(|e| {
+            warn!(vm_key = %key, "sweeping: {e}");
+            None
+        })
+}
 
-/// One VM: forgotten if it has not run for a long time; adopted if it may run, is idle and nobody waits.
 async fn sweep_vm(
-    dir: &VmDir,
+    lifecycle: &Lifecycle,
+    key: &VmKey,
     profile: Option<&Arc<Profile>>,
     adopt_until: u64,
-) -> io::Result<Option<IdleWatch>> {
-    let gate = dir.gate().await?;
-    let mut state = gate.read()?;
-    let (live, dead) = gate.live_sessions()?;
-    if live > 0 {
-        return Ok(None);
-    }
-    if !state.may_run() {
-        let last_change = state.since.max(state.last_disconnect.unwrap_or(0));
-        if now_ms().saturating_sub(last_change) > millis(FORGET_AFTER) {
-            gate.forget()?;
-            debug!(vm_key = %dir.key(), "forgotten: not run for a day");
-        }
-        return Ok(None);
-    }
-    let Some((profile, stop)) = profile.and_then(|p| Some((p, p.stop.as_ref()?))) else {
+) -> Result<Option<IdleWatch>, StoreError> {
+    let store = &lifecycle.store;
+    // A profile no longer configured: nothing of it is stopped, but it is still forgotten in time.
+    let rules = profile.map_or(
+        Rules {
+            boot_timeout: Duration::ZERO,
+            idle_timeout: None,
+        },
+        |p| rules(p),
+    );
+    // Stopping needs a holder: a stop found due is left to the idle wait returned, which holds it.
+    let me = holder(store, None);
+    let (view, action) = store
+        .transact(key, true, |view| {
+            let now = now_ms();
+            let step = state::step(view, Event::Tick { me: &me }, now, &rules);
+            match step.action {
+                Action::CallStop(_) => (state::Write::Keep, Action::WaitUntil(now)),
+                _ => (step.write, step.action),
+            }
+        })
+        .await?;
+    let (Some(profile), Action::WaitUntil(due)) = (profile, action) else {
         return Ok(None);
     };
-    let Some(lock) = gate.try_idle()? else {
+    if due > adopt_until.max(now_ms()) {
+        return Ok(None);
+    }
+    let Some(waiter) = store.try_idle_waiter(key)? else {
         return Ok(None);
     };
-    let now = now_ms();
-    let idle_since = match state.last_disconnect {
-        Some(at) if dead == 0 && at >= state.since => at,
-        _ => now,
-    };
-    state.last_disconnect = Some(idle_since);
-    let due = idle_since + millis(stop.idle_timeout);
-    let watch = (due <= adopt_until).then(|| IdleWatch::begin(&mut state, dir, lock, profile, due));
-    gate.write(&state)?;
-    if watch.is_some() {
-        decision(
-            Level::INFO,
-            dir,
-            &state,
-            "idle",
-            "adopted: the VM's last session or idle waiter is gone",
-            Duration::from_millis(now - idle_since),
-        );
-    }
-    Ok(watch)
+    decision(
+        Level::INFO,
+        key,
+        &view,
+        "idle",
+        "adopted: the VM's last session or idle waiter is gone",
+        Duration::from_millis(now_ms().saturating_sub(view.record.since)),
+    );
+    Ok(Some(IdleWatch {
+        store: store.clone(),
+        key: key.clone(),
+        profile: profile.clone(),
+        due,
+        _waiter: waiter,
+    }))
 }

@@ -1,0 +1,752 @@
+//! Every rule of the README's "Lifecycle" section, as rows: a view of the store, an event, the time, and
+//! what the machine must write and do. The clock is the row's `now`; nothing here sleeps or does I/O.
+
+use super::*;
+
+const S: u64 = 1000;
+const BOOT: Duration = Duration::from_secs(120);
+const IDLE: Duration = Duration::from_secs(900);
+const RULES: Rules = Rules {
+    boot_timeout: BOOT,
+    idle_timeout: Some(IDLE),
+};
+const NEVER_STOP: Rules = Rules {
+    boot_timeout: BOOT,
+    idle_timeout: None,
+};
+
+fn vm() -> SocketAddr {
+    "192.0.2.7:22".parse().unwrap()
+}
+
+fn other_vm() -> SocketAddr {
+    "192.0.2.8:22".parse().unwrap()
+}
+
+fn me() -> Holder {
+    Holder {
+        host: None,
+        pid: 1,
+        claim: "1.0".into(),
+    }
+}
+
+fn them() -> Holder {
+    Holder {
+        host: Some("b".into()),
+        pid: 2,
+        claim: "2.0".into(),
+    }
+}
+
+/// A view of `phase`, entered at `since`, after `starts` starts, with `sessions` live sessions and the
+/// holder (if any) alive or not.
+fn view(phase: Phase, since: u64, sessions: usize, holder_alive: bool) -> View {
+    View {
+        record: Record {
+            phase,
+            since,
+            ..Record::default()
+        },
+        sessions: Some(sessions),
+        holder_alive,
+        revision: 0,
+    }
+}
+
+fn with_start(mut view: View, ok: bool, detail: &str) -> View {
+    view.record.starts = 1;
+    view.record.last_start = Some(Call {
+        at: view.record.since,
+        ok,
+        detail: detail.into(),
+        ms: 5,
+    });
+    view
+}
+
+/// What a row expects: the phase written (`None`: nothing written), and the action.
+struct Row {
+    rule: &'static str,
+    view: View,
+    event: Event<'static>,
+    now: u64,
+    rules: Rules,
+    writes: Option<Phase>,
+    action: Action,
+}
+
+fn check(rows: Vec<Row>) {
+    for row in rows {
+        let step = step(&row.view, row.event, row.now, &row.rules);
+        let written = match &step.write {
+            Write::Keep => None,
+            Write::Put(record) => Some(record.phase.clone()),
+            Write::Forget => Some(Phase::New),
+        };
+        assert_eq!(written, row.writes, "{}: written", row.rule);
+        assert_eq!(step.action, row.action, "{}: action", row.rule);
+        if let Write::Put(record) = &step.write
+            && std::mem::discriminant(&record.phase)
+                != std::mem::discriminant(&row.view.record.phase)
+        {
+            assert_eq!(
+                record.since, row.now,
+                "{}: a new phase begins now",
+                row.rule
+            );
+        }
+    }
+}
+
+// Leaked for the 'static events of the table; a test process is short-lived.
+fn me_ref() -> &'static Holder {
+    Box::leak(Box::new(me()))
+}
+
+fn login() -> Event<'static> {
+    Event::Login {
+        me: me_ref(),
+        starts_seen: 0,
+    }
+}
+
+#[test]
+fn one_start_per_burst() {
+    let starting = Phase::Starting {
+        holder: them(),
+        was: None,
+    };
+    check(vec![
+        Row {
+            rule: "the first login of a VM that does not run holds its start",
+            view: view(Phase::Stopped, 0, 1, false),
+            event: login(),
+            now: 10 * S,
+            rules: RULES,
+            writes: Some(Phase::Starting {
+                holder: me(),
+                was: None,
+            }),
+            action: Action::CallStart,
+        },
+        Row {
+            rule: "a login while another's start is in flight waits for it",
+            view: view(starting.clone(), 10 * S, 2, true),
+            event: login(),
+            now: 11 * S,
+            rules: RULES,
+            writes: None,
+            action: Action::Wait,
+        },
+        Row {
+            rule: "then takes its answer",
+            view: with_start(
+                view(
+                    Phase::Booting {
+                        vm: vm(),
+                        until: 130 * S,
+                    },
+                    12 * S,
+                    2,
+                    false,
+                ),
+                true,
+                "192.0.2.7:22",
+            ),
+            event: login(),
+            now: 12 * S,
+            rules: RULES,
+            writes: None,
+            action: Action::Share(vm()),
+        },
+        Row {
+            rule: "a refusal included",
+            view: with_start(
+                view(
+                    Phase::Failed {
+                        detail: "no capacity".into(),
+                    },
+                    12 * S,
+                    2,
+                    false,
+                ),
+                false,
+                "no capacity",
+            ),
+            event: login(),
+            now: 12 * S,
+            rules: RULES,
+            writes: None,
+            action: Action::ShareFailure("no capacity".into()),
+        },
+        Row {
+            rule: "a login while the VM boots from an earlier start takes its address at once",
+            view: view(
+                Phase::Booting {
+                    vm: vm(),
+                    until: 130 * S,
+                },
+                10 * S,
+                1,
+                false,
+            ),
+            event: Event::Login {
+                me: me_ref(),
+                starts_seen: 1,
+            },
+            now: 20 * S,
+            rules: RULES,
+            writes: None,
+            action: Action::Share(vm()),
+        },
+        Row {
+            rule: "past boot_timeout, a boot is not shared: the VM is started again",
+            view: view(
+                Phase::Booting {
+                    vm: vm(),
+                    until: 130 * S,
+                },
+                10 * S,
+                1,
+                false,
+            ),
+            event: login(),
+            now: 131 * S,
+            rules: RULES,
+            writes: Some(Phase::Starting {
+                holder: me(),
+                was: Some(vm()),
+            }),
+            action: Action::CallStart,
+        },
+        Row {
+            rule: "a refusal that ended before this login is not its own: it asks again",
+            view: with_start(
+                view(
+                    Phase::Failed {
+                        detail: "no capacity".into(),
+                    },
+                    5 * S,
+                    1,
+                    false,
+                ),
+                false,
+                "no capacity",
+            ),
+            event: Event::Login {
+                me: me_ref(),
+                starts_seen: 1,
+            },
+            now: 12 * S,
+            rules: RULES,
+            writes: Some(Phase::Starting {
+                holder: me(),
+                was: None,
+            }),
+            action: Action::CallStart,
+        },
+        Row {
+            rule: "a login to a VM that is up writes nothing and asks the API while it reaches sshd",
+            view: view(Phase::Up { vm: vm() }, 10 * S, 3, false),
+            event: Event::Login {
+                me: me_ref(),
+                starts_seen: 1,
+            },
+            now: 20 * S,
+            rules: RULES,
+            writes: None,
+            action: Action::Warm(vm()),
+        },
+    ]);
+}
+
+#[test]
+fn answers_of_the_start_api() {
+    let mine = |was| Phase::Starting { holder: me(), was };
+    check(vec![
+        Row {
+            rule: "an address: the VM boots, and logins share it until boot_timeout",
+            view: view(mine(None), 10 * S, 1, true),
+            event: Event::Started {
+                me: me_ref(),
+                answer: Ok(vm()),
+                ms: 30,
+            },
+            now: 11 * S,
+            rules: RULES,
+            writes: Some(Phase::Booting {
+                vm: vm(),
+                until: 131 * S,
+            }),
+            action: Action::Nothing,
+        },
+        Row {
+            rule: "a refusal of a VM that did not run: failed",
+            view: view(mine(None), 10 * S, 1, true),
+            event: Event::Started {
+                me: me_ref(),
+                answer: Err("no capacity"),
+                ms: 30,
+            },
+            now: 11 * S,
+            rules: RULES,
+            writes: Some(Phase::Failed {
+                detail: "no capacity".into(),
+            }),
+            action: Action::Nothing,
+        },
+        Row {
+            rule: "a failed start of a VM that runs leaves it running, to be stopped once idle",
+            view: view(mine(Some(vm())), 10 * S, 2, true),
+            event: Event::Started {
+                me: me_ref(),
+                answer: Err("the start API answered 503"),
+                ms: 30,
+            },
+            now: 11 * S,
+            rules: RULES,
+            writes: Some(Phase::Up { vm: vm() }),
+            action: Action::Nothing,
+        },
+        Row {
+            rule: "sshd answered: up",
+            view: view(
+                Phase::Booting {
+                    vm: vm(),
+                    until: 131 * S,
+                },
+                11 * S,
+                1,
+                false,
+            ),
+            event: Event::Ready { vm: vm() },
+            now: 15 * S,
+            rules: RULES,
+            writes: Some(Phase::Up { vm: vm() }),
+            action: Action::Nothing,
+        },
+        Row {
+            rule: "another VM's sshd does not make this one up",
+            view: view(
+                Phase::Booting {
+                    vm: vm(),
+                    until: 131 * S,
+                },
+                11 * S,
+                1,
+                false,
+            ),
+            event: Event::Ready { vm: other_vm() },
+            now: 15 * S,
+            rules: RULES,
+            writes: None,
+            action: Action::Nothing,
+        },
+        Row {
+            rule: "an answer to a start this process no longer holds changes nothing shared",
+            view: view(
+                Phase::Starting {
+                    holder: them(),
+                    was: None,
+                },
+                10 * S,
+                1,
+                true,
+            ),
+            event: Event::Started {
+                me: me_ref(),
+                answer: Ok(vm()),
+                ms: 30,
+            },
+            now: 11 * S,
+            rules: RULES,
+            writes: None,
+            action: Action::Nothing,
+        },
+    ]);
+}
+
+#[test]
+fn the_idle_stop() {
+    let up = Phase::Up { vm: vm() };
+    let idle = Phase::Idle { vm: vm() };
+    check(vec![
+        Row {
+            rule: "no stop while any session is open: a session that ends is not the last",
+            view: view(up.clone(), 10 * S, 1, false),
+            event: Event::Left,
+            now: 20 * S,
+            rules: RULES,
+            writes: None,
+            action: Action::Nothing,
+        },
+        Row {
+            rule: "the idle clock starts at the last disconnect",
+            view: view(up.clone(), 10 * S, 0, false),
+            event: Event::Left,
+            now: 20 * S,
+            rules: RULES,
+            writes: Some(idle.clone()),
+            action: Action::WaitUntil(920 * S),
+        },
+        Row {
+            rule: "and again at the last disconnect after a login that found it idle",
+            view: view(idle.clone(), 10 * S, 0, false),
+            event: Event::Left,
+            now: 500 * S,
+            rules: RULES,
+            writes: Some(idle.clone()),
+            action: Action::WaitUntil(1400 * S),
+        },
+        Row {
+            rule: "not before idle_timeout has passed",
+            view: view(idle.clone(), 20 * S, 0, false),
+            event: Event::Tick { me: me_ref() },
+            now: 919 * S,
+            rules: RULES,
+            writes: None,
+            action: Action::WaitUntil(920 * S),
+        },
+        Row {
+            rule: "then one stop call, by whoever holds it",
+            view: view(idle.clone(), 20 * S, 0, false),
+            event: Event::Tick { me: me_ref() },
+            now: 920 * S,
+            rules: RULES,
+            writes: Some(Phase::Stopping {
+                holder: me(),
+                vm: vm(),
+            }),
+            action: Action::CallStop(vm()),
+        },
+        Row {
+            rule: "a session found when the time comes keeps the VM (a login that raced the idle record)",
+            view: view(idle.clone(), 20 * S, 1, false),
+            event: Event::Tick { me: me_ref() },
+            now: 920 * S,
+            rules: RULES,
+            writes: Some(up.clone()),
+            action: Action::Nothing,
+        },
+        Row {
+            rule: "a login during the idle wait cancels the stop",
+            view: view(idle.clone(), 20 * S, 1, false),
+            event: Event::Login {
+                me: me_ref(),
+                starts_seen: 1,
+            },
+            now: 400 * S,
+            rules: RULES,
+            writes: Some(up.clone()),
+            action: Action::Warm(vm()),
+        },
+        Row {
+            rule: "without a stop API nothing is ever stopped",
+            view: view(idle.clone(), 20 * S, 0, false),
+            event: Event::Tick { me: me_ref() },
+            now: 100_000 * S,
+            rules: NEVER_STOP,
+            writes: None,
+            action: Action::Nothing,
+        },
+        Row {
+            rule: "without a stop API the last logout starts no idle wait",
+            view: view(up.clone(), 10 * S, 0, false),
+            event: Event::Left,
+            now: 20 * S,
+            rules: NEVER_STOP,
+            writes: Some(idle.clone()),
+            action: Action::Nothing,
+        },
+    ]);
+}
+
+#[test]
+fn stops_in_flight_and_their_end() {
+    let stopping = |holder| Phase::Stopping { holder, vm: vm() };
+    check(vec![
+        Row {
+            rule: "a login while the stop call is in flight waits for it",
+            view: view(stopping(them()), 920 * S, 1, true),
+            event: login(),
+            now: 921 * S,
+            rules: RULES,
+            writes: None,
+            action: Action::Wait,
+        },
+        Row {
+            rule: "then starts the VM again",
+            view: view(Phase::Stopped, 922 * S, 1, false),
+            event: login(),
+            now: 922 * S,
+            rules: RULES,
+            writes: Some(Phase::Starting {
+                holder: me(),
+                was: None,
+            }),
+            action: Action::CallStart,
+        },
+        Row {
+            rule: "a stop that succeeded: stopped",
+            view: view(stopping(me()), 920 * S, 0, true),
+            event: Event::StopDone {
+                me: me_ref(),
+                result: Ok(()),
+                ms: 800,
+            },
+            now: 921 * S,
+            rules: RULES,
+            writes: Some(Phase::Stopped),
+            action: Action::Nothing,
+        },
+        Row {
+            rule: "a stop API that failed: idle again, tried after another idle_timeout",
+            view: view(stopping(me()), 920 * S, 0, true),
+            event: Event::StopDone {
+                me: me_ref(),
+                result: Err("503"),
+                ms: 60_000,
+            },
+            now: 980 * S,
+            rules: RULES,
+            writes: Some(Phase::Idle { vm: vm() }),
+            action: Action::WaitUntil(1880 * S),
+        },
+        Row {
+            rule: "a stop whose process died: the VM is idle from now, its stop tried again then",
+            view: view(stopping(them()), 920 * S, 0, false),
+            event: Event::Tick { me: me_ref() },
+            now: 1000 * S,
+            rules: RULES,
+            writes: Some(Phase::Idle { vm: vm() }),
+            action: Action::WaitUntil(1900 * S),
+        },
+        Row {
+            rule: "a login after a stop whose process died starts the VM",
+            view: view(stopping(them()), 920 * S, 1, false),
+            event: login(),
+            now: 930 * S,
+            rules: RULES,
+            writes: Some(Phase::Starting {
+                holder: me(),
+                was: Some(vm()),
+            }),
+            action: Action::CallStart,
+        },
+    ]);
+}
+
+#[test]
+fn killed_processes_and_lost_hosts() {
+    check(vec![
+        Row {
+            rule: "the other sessions keep the VM up",
+            view: view(Phase::Up { vm: vm() }, 10 * S, 1, false),
+            event: Event::Tick { me: me_ref() },
+            now: 2000 * S,
+            rules: RULES,
+            writes: None,
+            action: Action::Nothing,
+        },
+        Row {
+            rule: "if it was the last, the sweep finds the VM idle and counts from then",
+            view: view(Phase::Up { vm: vm() }, 10 * S, 0, false),
+            event: Event::Tick { me: me_ref() },
+            now: 2000 * S,
+            rules: RULES,
+            writes: Some(Phase::Idle { vm: vm() }),
+            action: Action::WaitUntil(2900 * S),
+        },
+        Row {
+            rule: "a start whose process died, of a VM that ran: idle from now",
+            view: view(
+                Phase::Starting {
+                    holder: them(),
+                    was: Some(vm()),
+                },
+                10 * S,
+                0,
+                false,
+            ),
+            event: Event::Tick { me: me_ref() },
+            now: 20 * S,
+            rules: RULES,
+            writes: Some(Phase::Idle { vm: vm() }),
+            action: Action::WaitUntil(920 * S),
+        },
+        Row {
+            rule: "a start in flight is left alone",
+            view: view(
+                Phase::Starting {
+                    holder: them(),
+                    was: Some(vm()),
+                },
+                10 * S,
+                0,
+                true,
+            ),
+            event: Event::Tick { me: me_ref() },
+            now: 20 * S,
+            rules: RULES,
+            writes: None,
+            action: Action::Nothing,
+        },
+        Row {
+            rule: "a login after a start whose process died starts the VM itself",
+            view: view(
+                Phase::Starting {
+                    holder: them(),
+                    was: None,
+                },
+                10 * S,
+                1,
+                false,
+            ),
+            event: login(),
+            now: 20 * S,
+            rules: RULES,
+            writes: Some(Phase::Starting {
+                holder: me(),
+                was: None,
+            }),
+            action: Action::CallStart,
+        },
+    ]);
+}
+
+#[test]
+fn starts_made_without_the_store_are_learnt_when_it_is_back() {
+    check(vec![
+        Row {
+            rule: "a VM the store believes stopped runs: up, to be stopped once idle",
+            view: view(Phase::Stopped, 10 * S, 0, false),
+            event: Event::Unrecorded { vm: vm() },
+            now: 500 * S,
+            rules: RULES,
+            writes: Some(Phase::Up { vm: vm() }),
+            action: Action::Nothing,
+        },
+        Row {
+            rule: "a VM the store knows runs elsewhere now: its new address",
+            view: view(Phase::Idle { vm: other_vm() }, 10 * S, 0, false),
+            event: Event::Unrecorded { vm: vm() },
+            now: 500 * S,
+            rules: RULES,
+            writes: Some(Phase::Idle { vm: vm() }),
+            action: Action::Nothing,
+        },
+        Row {
+            rule: "a call in flight is left to finish",
+            view: view(
+                Phase::Stopping {
+                    holder: them(),
+                    vm: vm(),
+                },
+                10 * S,
+                0,
+                true,
+            ),
+            event: Event::Unrecorded { vm: vm() },
+            now: 500 * S,
+            rules: RULES,
+            writes: None,
+            action: Action::Nothing,
+        },
+    ]);
+}
+
+#[test]
+fn vms_that_have_not_run_for_a_day_are_forgotten() {
+    let day = millis(FORGET_AFTER);
+    check(vec![
+        Row {
+            rule: "stopped for more than a day: forgotten",
+            view: view(Phase::Stopped, 10 * S, 0, false),
+            event: Event::Tick { me: me_ref() },
+            now: 10 * S + day + 1,
+            rules: RULES,
+            writes: Some(Phase::New),
+            action: Action::Nothing,
+        },
+        Row {
+            rule: "stopped for less: kept",
+            view: view(Phase::Stopped, 10 * S, 0, false),
+            event: Event::Tick { me: me_ref() },
+            now: 10 * S + day,
+            rules: RULES,
+            writes: None,
+            action: Action::Nothing,
+        },
+        Row {
+            rule: "a VM that runs is never forgotten, however long",
+            view: view(Phase::Idle { vm: vm() }, 10 * S, 0, false),
+            event: Event::Tick { me: me_ref() },
+            now: 10 * S + 2 * day,
+            rules: NEVER_STOP,
+            writes: None,
+            action: Action::Nothing,
+        },
+    ]);
+}
+
+#[test]
+fn operators_read_interrupted_calls_apart() {
+    let starting = Phase::Starting {
+        holder: them(),
+        was: None,
+    };
+    assert_eq!(view(starting.clone(), 0, 0, true).shown(), Shown::Starting);
+    assert_eq!(view(starting, 0, 0, false).shown(), Shown::Interrupted);
+    assert_eq!(view(Phase::New, 0, 0, false).shown(), Shown::New);
+    assert_eq!(
+        view(Phase::Idle { vm: vm() }, 0, 0, false).shown(),
+        Shown::Idle
+    );
+}
+
+#[test]
+fn records_round_trip_through_json() {
+    let record = Record {
+        phase: Phase::Stopping {
+            holder: them(),
+            vm: vm(),
+        },
+        since: 5,
+        ..Record::default()
+    };
+    let text = serde_json::to_string(&record).unwrap();
+    assert_eq!(serde_json::from_str::<Record>(&text).unwrap(), record);
+    assert_eq!(
+        serde_json::from_str::<Record>("{}").unwrap(),
+        Record::default()
+    );
+}
+
+#[test]
+fn stop_calls_are_counted_once_and_start_answers_recorded() {
+    let stopping = view(
+        Phase::Stopping {
+            holder: me(),
+            vm: vm(),
+        },
+        0,
+        0,
+        true,
+    );
+    let step = step(
+        &stopping,
+        Event::StopDone {
+            me: &me(),
+            result: Ok(()),
+            ms: 7,
+        },
+        9,
+        &RULES,
+    );
+    let Write::Put(record) = step.write else {
+        panic!("a stop is recorded")
+    };
+    assert_eq!(record.stops, 1);
+    assert_eq!(record.last_stop.map(|c| (c.ok, c.ms)), Some((true, 7)));
+}
