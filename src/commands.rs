@@ -12,7 +12,7 @@ use crate::{
     status,
     vm::{
         lifecycle,
-        store::{Store, etcd::Etcd, local::Local, now_ms},
+        store::{Store, StoreError, etcd::Etcd, local::Local, now_ms},
     },
 };
 
@@ -49,24 +49,41 @@ pub fn status(cli: &Cli, json: bool) -> ExitCode {
         .and_then(|runtime| {
             runtime.block_on(async {
                 let (store, name) = open_for_reading(&store_config, &state_dir).await?;
+                let unreadable = |e: StoreError| match &e {
+                    StoreError::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => format!(
+                        "reading {name}: {e}; status needs root (or the ssh-on-demand service's user)"
+                    ),
+                    _ => format!("reading {name}: {e}"),
+                };
                 let vms = status::collect(&store, config.as_ref())
                     .await
-                    .map_err(|e| format!("reading {name}: {e}"))?;
-                Ok::<_, String>((vms, name))
+                    .map_err(unreadable)?;
+                let hosts = match (&store, &store_config) {
+                    (Store::Etcd(etcd), StoreConfig::Etcd(settings)) => {
+                        let alive = etcd.hosts().await.map_err(unreadable)?;
+                        Some(status::Hosts::new(alive, &settings.host_id))
+                    }
+                    _ => None,
+                };
+                Ok::<_, String>(status::Report {
+                    store: name,
+                    hosts,
+                    vms,
+                })
             })
         });
-    let (vms, name) = match result {
-        Ok(found) => found,
+    let report = match result {
+        Ok(report) => report,
         Err(e) => {
             error!("{e}");
             return ExitCode::FAILURE;
         }
     };
     let text = if json {
-        let document = serde_json::json!({ "store": name, "vms": vms });
+        let document = serde_json::to_value(&report).unwrap_or_default();
         format!("{document:#}\n")
     } else {
-        status::render(&vms, &name)
+        status::render(&report)
     };
     match std::io::stdout().write_all(text.as_bytes()) {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,6 +14,33 @@ use crate::{
     },
 };
 
+/// What `status` shows: the store, the hosts sharing it (etcd), and every VM in it.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// The state directory, or `etcd PREFIX`.
+    pub store: String,
+    pub hosts: Option<Hosts>,
+    pub vms: Vec<VmStatus>,
+}
+
+/// The proxy hosts whose leases are alive, and whether this host's is.
+#[derive(Debug, Serialize)]
+pub struct Hosts {
+    pub alive: Vec<String>,
+    pub this_host: String,
+    pub this_host_alive: bool,
+}
+
+impl Hosts {
+    pub fn new(alive: Vec<String>, this_host: &str) -> Hosts {
+        Hosts {
+            this_host_alive: alive.iter().any(|h| h == this_host),
+            this_host: this_host.to_owned(),
+            alive,
+        }
+    }
+}
+
 /// One VM as `status --json` shows it; the text form says the same in words.
 #[derive(Debug, Serialize)]
 pub struct VmStatus {
@@ -82,14 +109,33 @@ async fn vm_status(
     }))
 }
 
-/// The text an operator reads. `store` is named when there is nothing to show.
-pub fn render(vms: &[VmStatus], store: &str) -> String {
+/// The text an operator reads.
+pub fn render(report: &Report) -> String {
     let now = now_ms();
     let mut out = String::new();
-    if vms.is_empty() {
-        let _ = writeln!(out, "No VM has been started through {store} yet.");
+    if let Some(hosts) = &report.hosts {
+        let _ = writeln!(
+            out,
+            "Hosts sharing {}: {}",
+            report.store,
+            if hosts.alive.is_empty() {
+                "none".to_owned()
+            } else {
+                hosts.alive.join(", ")
+            }
+        );
+        if !hosts.this_host_alive {
+            let _ = writeln!(
+                out,
+                "This host ({}) holds no lease: its daemon is not running, or cannot reach the cluster.",
+                hosts.this_host
+            );
+        }
     }
-    for vm in vms {
+    if report.vms.is_empty() {
+        let _ = writeln!(out, "No VM has been started through {} yet.", report.store);
+    }
+    for vm in &report.vms {
         let _ = writeln!(
             out,
             "{}: {}{}",

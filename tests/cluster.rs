@@ -164,6 +164,9 @@ fn a_session_on_one_host_keeps_the_vm_up_for_all() {
         "stopped under a session on another host"
     );
     assert_eq!(session_hosts(&b), ["a"]);
+    let hosts = &b.status()["hosts"];
+    assert_eq!(hosts["alive"], serde_json::json!(["a", "b"]), "{hosts}");
+    assert_eq!(hosts["this_host_alive"], true);
 
     let logout = held.close();
     let stops = api.wait_for_requests_to("/stop", 1, PATIENCE);
@@ -200,6 +203,7 @@ fn a_killed_host_keeps_its_vm_for_its_lease_then_it_is_stopped_once() {
     wait_stopped(&[&b]);
     thread::sleep(IDLE); // the time under test
     assert_eq!(api.requests_to("/stop").len(), 1);
+    assert_eq!(b.status()["hosts"]["alive"], serde_json::json!(["b"]));
 }
 
 /// One member lost changes nothing for users. Without a quorum, logins still go through (each asks the
