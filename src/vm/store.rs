@@ -213,6 +213,28 @@ impl Store {
         }
     }
 
+    /// Reads the record of client address `source` (`None` if it has none), lets `decide` choose the new one
+    /// (`None` removes it), and writes it unless someone changed it meanwhile (then it decides again). The
+    /// record is opaque here; [`crate::guard`] gives it its meaning.
+    pub async fn transact_source<T>(
+        &self,
+        source: IpAddr,
+        decide: impl FnMut(Option<&[u8]>) -> (Option<Vec<u8>>, T),
+    ) -> Result<T, StoreError> {
+        match self {
+            Store::Local(local) => Ok(local.transact_source(source, decide).await?),
+            Store::Etcd(etcd) => etcd.transact_source(source, decide).await,
+        }
+    }
+
+    /// Every client address's record.
+    pub async fn sources(&self) -> Result<Vec<(IpAddr, Vec<u8>)>, StoreError> {
+        match self {
+            Store::Local(local) => Ok(local.sources()?),
+            Store::Etcd(etcd) => etcd.sources().await,
+        }
+    }
+
     /// Every VM the store knows, sorted.
     pub async fn vms(&self) -> Result<Vec<VmKey>, StoreError> {
         match self {

@@ -19,6 +19,7 @@ use std::{
     ffi::CStr,
     fs::File,
     io::{self, Read, Write as _},
+    net::IpAddr,
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
@@ -38,6 +39,10 @@ use crate::vm::state::{Record, View, Write};
 
 const STATE: &str = "state.json";
 const STATE_PARTIAL: &str = ".state.json";
+/// The client addresses' records; a dot name, which no VM has.
+const SOURCES: &str = ".sources";
+/// A source's record is a few timestamps; anything longer was not written by us.
+const MAX_SOURCE_RECORD: u64 = 64 * 1024;
 
 /// The state directory.
 #[derive(Debug, Clone)]
@@ -145,6 +150,92 @@ impl Local {
             .collect();
         sessions.sort_by_key(|s| s.since);
         Ok(sessions)
+    }
+
+    /// Under the lock of every source: reads `source`'s record (`None` if it has none), lets `decide` choose
+    /// the new one (`None` to remove it) and writes it.
+    pub async fn transact_source<T>(
+        &self,
+        source: IpAddr,
+        decide: impl FnOnce(Option<&[u8]>) -> (Option<Vec<u8>>, T),
+    ) -> io::Result<T> {
+        let dir = self.sources_dir(true)?.ok_or_else(not_found)?;
+        let lock = open_regular(&dir.fd, ".lock", OFlags::RDWR | OFlags::CREATE)?;
+        let lock = lock_blocking(lock, FlockOperation::LockExclusive).await?;
+        let name = source.to_string();
+        let current = match open_regular(&dir.fd, &name, OFlags::RDONLY) {
+            Ok(mut file) => {
+                let mut body = Vec::new();
+                (&mut file).take(MAX_SOURCE_RECORD).read_to_end(&mut body)?;
+                Some(body)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            // Something planted in its place: replaced by the record written below.
+            Err(e) => {
+                let _ = refused(&dir.path.join(&name), e);
+                None
+            }
+        };
+        let (next, out) = decide(current.as_deref());
+        match next {
+            Some(body) => {
+                let partial = format!(".{name}");
+                let mut file = File::from(dir.create_exclusive(&dir.fd, &partial, 0o644)?);
+                file.write_all(&body)?;
+                renameat(&dir.fd, partial.as_str(), &dir.fd, name.as_str())?;
+            }
+            None if current.is_some() => unlinkat(&dir.fd, name.as_str(), AtFlags::empty())?,
+            None => {}
+        }
+        drop(lock);
+        Ok(out)
+    }
+
+    /// Every source's record, read without the lock (records are replaced whole).
+    pub fn sources(&self) -> io::Result<Vec<(IpAddr, Vec<u8>)>> {
+        let Some(dir) = self.sources_dir(false)? else {
+            return Ok(Vec::new());
+        };
+        let mut found = Vec::new();
+        for (name, _) in entries(&dir.fd)? {
+            let Ok(source) = name.parse::<IpAddr>() else {
+                continue;
+            };
+            if let Ok(mut file) = open_regular(&dir.fd, &name, OFlags::RDONLY) {
+                let mut body = Vec::new();
+                if (&mut file)
+                    .take(MAX_SOURCE_RECORD)
+                    .read_to_end(&mut body)
+                    .is_ok()
+                {
+                    found.push((source, body));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// `.sources`, the records of client addresses (a name no VM can have).
+    fn sources_dir(&self, create: bool) -> io::Result<Option<VmDir>> {
+        let root = match open_root(&self.root) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                std::fs::create_dir_all(&self.root)?;
+                open_root(&self.root)?
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            other => other?,
+        };
+        let path = self.root.join(SOURCES);
+        let fd = match open_dir(&root, SOURCES) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                make_dir(&root, SOURCES)?;
+                open_dir(&root, SOURCES).map_err(|e| refused(&path, e))?
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(refused(&path, e)),
+        };
+        Ok(Some(VmDir { fd, path }))
     }
 
     /// The VM's directory, made (with its subdirectories) if `create`; `None` if it does not exist.

@@ -244,3 +244,42 @@ async fn entries_that_are_not_plain_files_are_ignored() {
         .expect("a FIFO does not block the reader");
     assert_eq!(view.sessions, Some(0));
 }
+
+#[tokio::test]
+async fn source_records_are_kept_apart_from_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Local::new(dir.path());
+    let source: IpAddr = "203.0.113.9".parse().unwrap();
+    let seen = store
+        .transact_source(source, |current| {
+            (Some(b"one".to_vec()), current.map(<[u8]>::to_vec))
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen, None);
+    let seen = store
+        .transact_source(source, |current| (None, current.map(<[u8]>::to_vec)))
+        .await
+        .unwrap();
+    assert_eq!(seen.as_deref(), Some(&b"one"[..]));
+    assert!(store.sources().unwrap().is_empty(), "removed");
+    store
+        .transact_source(source, |_| (Some(b"two".to_vec()), ()))
+        .await
+        .unwrap();
+    assert_eq!(store.sources().unwrap(), [(source, b"two".to_vec())]);
+    assert!(store.vms().unwrap().is_empty(), "sources are no VMs");
+
+    // A planted symlink in its place is replaced, never written through.
+    let target = dir.path().join("precious");
+    std::fs::write(&target, b"precious").unwrap();
+    let entry = dir.path().join(SOURCES).join(source.to_string());
+    std::fs::remove_file(&entry).unwrap();
+    symlink(&target, &entry).unwrap();
+    store
+        .transact_source(source, |_| (Some(b"three".to_vec()), ()))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+    assert_eq!(store.sources().unwrap(), [(source, b"three".to_vec())]);
+}
