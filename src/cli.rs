@@ -219,6 +219,25 @@ pub struct Settings {
     #[serde(default, with = "humantime_serde")]
     pub stop_timeout: Option<Duration>,
 
+    /// A VM is not stopped sooner than this after its start, however idle (platforms that bill a minimum per start) [default: none]
+    #[arg(long, env = "SSH_ON_DEMAND_MIN_RUN_TIME", value_parser = humantime::parse_duration, value_name = "DURATION", global = true)]
+    #[serde(default, with = "humantime_serde")]
+    pub min_run_time: Option<Duration>,
+
+    /// A window in which an idle VM is not stopped, as "DAYS HH:MM-HH:MM [TIME ZONE]", e.g. "Mon-Fri 08:00-18:00 Europe/Berlin"; repeat for more (TOML: keep_warm = [...])
+    #[arg(long = "keep-warm", value_name = "WINDOW", global = true)]
+    #[serde(default)]
+    pub keep_warm: Vec<String>,
+
+    /// Start a profile's VM (vm_scope = "profile") at the start of each keep_warm window, so that the first login finds it up [default: false]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_PRE_WAKE",
+        value_name = "BOOL",
+        global = true
+    )]
+    pub pre_wake: Option<bool>,
+
     /// Which connections share a VM: those from one client address ("client"), or all of the profile ("profile") [default: client]
     #[arg(
         long,
@@ -445,6 +464,13 @@ impl Settings {
             stop_url: self.stop_url.or(lower.stop_url),
             idle_timeout: self.idle_timeout.or(lower.idle_timeout),
             stop_timeout: self.stop_timeout.or(lower.stop_timeout),
+            min_run_time: self.min_run_time.or(lower.min_run_time),
+            keep_warm: if self.keep_warm.is_empty() {
+                lower.keep_warm
+            } else {
+                self.keep_warm
+            },
+            pre_wake: self.pre_wake.or(lower.pre_wake),
             vm_scope: self.vm_scope.or(lower.vm_scope),
             vm_port: self.vm_port.or(lower.vm_port),
             boot_timeout: self.boot_timeout.or(lower.boot_timeout),

@@ -25,6 +25,7 @@ use reqwest::{
 use crate::{
     cli::{Cli, Settings, SilentClients, VmScope},
     secret::{Secret, SecretUrl},
+    vm::warm::Windows,
 };
 
 /// Read when no `--config` is given; its absence is not an error.
@@ -60,6 +61,9 @@ pub struct Profile {
     pub ports: Vec<u16>,
     pub api: ApiConfig,
     pub stop: Option<StopConfig>,
+    pub min_run_time: Option<Duration>,
+    pub keep_warm: Arc<Windows>,
+    pub pre_wake: bool,
     pub vm_scope: VmScope,
     pub vm_port: u16,
     /// Where the start API's answers may point; empty: anywhere but loopback, link-local and this host.
@@ -324,8 +328,22 @@ impl Profile {
                 None
             }
         };
+        let keep_warm = Windows::parse(&settings.keep_warm)?;
+        let vm_scope = settings.vm_scope.unwrap_or_default();
+        let pre_wake = settings.pre_wake.unwrap_or(false);
+        ensure!(
+            !pre_wake || (!keep_warm.is_empty() && vm_scope == VmScope::Profile),
+            "pre_wake needs keep_warm windows, and vm_scope = \"profile\": a VM per client address cannot be \
+             started before its client comes"
+        );
         Ok(Profile {
             name: settings.profile,
+            min_run_time: settings
+                .min_run_time
+                .map(|t| positive("min_run_time", Some(t), t))
+                .transpose()?,
+            keep_warm: Arc::new(keep_warm),
+            pre_wake,
             ports,
             api: ApiConfig {
                 url,
@@ -336,7 +354,7 @@ impl Profile {
                 timeout: positive("api_timeout", settings.api_timeout, defaults::API_TIMEOUT)?,
             },
             stop,
-            vm_scope: settings.vm_scope.unwrap_or_default(),
+            vm_scope,
             vm_port,
             vm_networks: settings
                 .vm_networks

@@ -55,8 +55,11 @@ pub struct VmStatus {
     pub sessions: Vec<SessionInfo>,
     /// Who makes the start or stop call in flight.
     pub holder: Option<Holder>,
-    /// When the idle VM will be stopped (ms since the epoch), if a stop is due.
+    /// When the idle VM will be stopped (ms since the epoch), if a stop is due: after its idle timeout,
+    /// outside keep-warm windows, and not before its min_run_time.
     pub stop_due: Option<Millis>,
+    /// The end of the keep-warm window the VM is in, if it is in one.
+    pub kept_warm_until: Option<Millis>,
     pub last_start: Option<Call>,
     pub last_stop: Option<Call>,
     pub starts: u64,
@@ -88,10 +91,12 @@ async fn vm_status(
     let rules = config
         .and_then(|c| c.profile_labeled(&key.profile))
         .map(|p| rules(p));
+    let now = now_ms();
     let stop_due = match record.phase {
-        Phase::Idle { .. } => rules.and_then(|r| r.stop_due(record.since)),
+        Phase::Idle { .. } => rules.as_ref().and_then(|r| r.may_stop_at(&record, now)),
         _ => None,
     };
+    let kept_warm_until = rules.as_ref().and_then(|r| r.keep_warm.covering(now));
     Ok(Some(VmStatus {
         key: key.to_string(),
         profile: key.profile.clone(),
@@ -102,6 +107,7 @@ async fn vm_status(
         holder: record.phase.holder().cloned(),
         sessions,
         stop_due,
+        kept_warm_until,
         last_start: record.last_start,
         last_stop: record.last_stop,
         starts: record.starts,
@@ -168,6 +174,9 @@ pub fn render(report: &Report) -> String {
                 );
             }
             None => {}
+        }
+        if let Some(until) = vm.kept_warm_until {
+            let _ = write!(state, ", kept warm until {}", when(until, now));
         }
         let _ = writeln!(out, "  state: {state}");
         for session in &vm.sessions {

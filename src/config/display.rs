@@ -87,6 +87,17 @@ impl fmt::Display for Profile {
             }
             None => writeln!(f, "# no stop_url: VMs are never stopped")?,
         }
+        match self.min_run_time {
+            Some(min) => writeln!(f, "min_run_time = {}", duration(min))?,
+            None => writeln!(f, "# no min_run_time")?,
+        }
+        let windows: Vec<String> = self
+            .keep_warm
+            .iter()
+            .map(|w| quoted(&w.to_string()))
+            .collect();
+        writeln!(f, "keep_warm = [{}]", windows.join(", "))?;
+        writeln!(f, "pre_wake = {}", self.pre_wake)?;
         writeln!(f, "vm_scope = {}", quoted(self.vm_scope.as_str()))?;
         writeln!(f, "vm_port = {}", self.vm_port)?;
         let networks: Vec<String> = self

@@ -106,6 +106,9 @@ pub fn rules(profile: &Profile) -> Rules {
     Rules {
         boot_timeout: profile.boot_timeout,
         idle_timeout: profile.stop.as_ref().map(|stop| stop.idle_timeout),
+        min_run_time: profile.min_run_time,
+        keep_warm: profile.keep_warm.clone(),
+        pre_wake: profile.pre_wake,
     }
 }
 

@@ -3,9 +3,11 @@
 //! one thing to do next). No I/O and no clock of its own: [`super::lifecycle`] feeds it events and carries
 //! out its actions through a [`super::store`], and `status`, `sweep` and the metrics read its states.
 
-use std::{fmt, net::SocketAddr, time::Duration};
+use std::{fmt, net::SocketAddr, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
+
+use super::warm::Windows;
 
 /// Milliseconds since the Unix epoch: the time base of the shared state, which every process and host reads.
 pub type Millis = u64;
@@ -117,6 +119,10 @@ pub struct Record {
     pub last_stop: Option<Call>,
     pub starts: u64,
     pub stops: u64,
+    /// When the VM's current run began (its start answered), for `min_run_time`; `None` once stopped.
+    pub started: Option<Millis>,
+    /// The start of the keep-warm window for which it was last started ahead of logins.
+    pub pre_woken: Option<Millis>,
 }
 
 impl Record {
@@ -215,17 +221,38 @@ impl fmt::Display for Shown {
 }
 
 /// The profile's rules that the machine applies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Rules {
     pub boot_timeout: Duration,
     /// `None`: never stopped (no stop API).
     pub idle_timeout: Option<Duration>,
+    /// A VM is not stopped sooner after its start (some platforms bill a minimum per start).
+    pub min_run_time: Option<Duration>,
+    /// Windows in which an idle VM is not stopped.
+    pub keep_warm: Arc<Windows>,
+    /// At the start of a keep-warm window, a VM that does not run is started ahead of logins.
+    pub pre_wake: bool,
 }
 
 impl Rules {
-    /// When a VM idle since `since` is due to be stopped.
+    /// When a VM idle since `since` is due to be stopped by the idle timeout alone.
     pub fn stop_due(&self, since: Millis) -> Option<Millis> {
         self.idle_timeout.map(|idle| since + millis(idle))
+    }
+
+    /// The earliest time a VM of `record`, idle since its `since`, may be stopped, as seen at `now`: after
+    /// its idle timeout, outside keep-warm windows, and not before `min_run_time` since its start. `None` if
+    /// it is never stopped.
+    pub fn may_stop_at(&self, record: &Record, now: Millis) -> Option<Millis> {
+        let mut at = self.stop_due(record.since)?;
+        if let (Some(min), Some(started)) = (self.min_run_time, record.started) {
+            at = at.max(started + millis(min));
+        }
+        // A window that covers that time holds the VM until its end.
+        if let Some(end) = self.keep_warm.covering(at.max(now)) {
+            at = end;
+        }
+        Some(at)
     }
 }
 
@@ -339,13 +366,17 @@ pub fn step(view: &View, event: Event<'_>, now: Millis, rules: &Rules) -> Step {
                 return Step::stay(Action::Nothing);
             }
             next = match (answer, was) {
-                (Ok(vm), _) => next.enter(
-                    Phase::Booting {
-                        vm,
-                        until: now + millis(rules.boot_timeout),
-                    },
-                    now,
-                ),
+                (Ok(vm), _) => {
+                    // A VM that ran before this call is still the same run.
+                    next.started = next.started.filter(|_| was.is_some()).or(Some(now));
+                    next.enter(
+                        Phase::Booting {
+                            vm,
+                            until: now + millis(rules.boot_timeout),
+                        },
+                        now,
+                    )
+                }
                 // A VM that ran before this failed call may run still: it stays known, to be stopped once idle.
                 (Err(_), Some(vm)) => next.enter(Phase::Up { vm: *vm }, now),
                 (Err(detail), None) => next.enter(
@@ -382,7 +413,11 @@ pub fn step(view: &View, event: Event<'_>, now: Millis, rules: &Rules) -> Step {
             }
             // It runs, whatever the store believed: up, so that the next look counts its sessions and the
             // idle stop follows.
-            _ => Step::put(record.enter(Phase::Up { vm }, now), Action::Nothing),
+            _ => {
+                let mut next = record.enter(Phase::Up { vm }, now);
+                next.started = Some(now);
+                Step::put(next, Action::Nothing)
+            }
         },
         Event::Left => match record.phase {
             Phase::Up { vm } | Phase::Booting { vm, .. } | Phase::Idle { vm }
@@ -417,6 +452,7 @@ pub fn step(view: &View, event: Event<'_>, now: Millis, rules: &Rules) -> Step {
             match result {
                 Ok(()) => {
                     next.stops += 1;
+                    next.started = None;
                     Step::put(next.enter(Phase::Stopped, now), Action::Nothing)
                 }
                 // Still up, as far as anyone knows: tried again after another idle timeout.
@@ -489,7 +525,7 @@ fn tick(view: &View, me: &Holder, now: Millis, rules: &Rules) -> Step {
         Phase::Idle { vm } if sessions > 0 => {
             Step::put(record.enter(Phase::Up { vm: *vm }, now), Action::Nothing)
         }
-        Phase::Idle { vm } => match rules.stop_due(record.since) {
+        Phase::Idle { vm } => match rules.may_stop_at(record, now) {
             None => Step::stay(Action::Nothing),
             Some(due) if now < due => Step::stay(Action::WaitUntil(due)),
             Some(_) => Step::put(
@@ -511,6 +547,24 @@ fn tick(view: &View, me: &Holder, now: Millis, rules: &Rules) -> Step {
         // A call whose process died: a VM that may run is idle from now, and its stop tried again then.
         Phase::Stopping { vm, .. } => idle_since_now(*vm),
         Phase::Starting { was: Some(vm), .. } if sessions == 0 => idle_since_now(*vm),
+        // The start of a keep-warm window: started ahead of the day's first login, once per window.
+        Phase::New | Phase::Stopped | Phase::Failed { .. }
+            if rules.pre_wake
+                && rules
+                    .keep_warm
+                    .started(now)
+                    .is_some_and(|window| record.pre_woken.is_none_or(|done| done < window)) =>
+        {
+            let mut next = record.enter(
+                Phase::Starting {
+                    holder: me.clone(),
+                    was: None,
+                },
+                now,
+            );
+            next.pre_woken = rules.keep_warm.started(now);
+            Step::put(next, Action::CallStart)
+        }
         Phase::New | Phase::Stopped | Phase::Failed { .. } | Phase::Starting { was: None, .. }
             if sessions == 0 && now.saturating_sub(record.since) > millis(FORGET_AFTER) =>
         {

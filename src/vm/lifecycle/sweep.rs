@@ -62,13 +62,7 @@ async fn sweep_vm(
 ) -> Result<Option<IdleWatch>, StoreError> {
     let store = &lifecycle.store;
     // A profile no longer configured: nothing of it is stopped, but it is still forgotten in time.
-    let rules = profile.map_or(
-        Rules {
-            boot_timeout: Duration::ZERO,
-            idle_timeout: None,
-        },
-        |p| rules(p),
-    );
+    let rules = profile.map_or(Rules::default(), |p| rules(p));
     // Stopping needs a holder: a stop found due is left to the idle wait returned, which holds it.
     let me = holder(store, None);
     let (view, action) = store

@@ -6,14 +6,19 @@ use super::*;
 const S: u64 = 1000;
 const BOOT: Duration = Duration::from_secs(120);
 const IDLE: Duration = Duration::from_secs(900);
-const RULES: Rules = Rules {
-    boot_timeout: BOOT,
-    idle_timeout: Some(IDLE),
-};
-const NEVER_STOP: Rules = Rules {
-    boot_timeout: BOOT,
-    idle_timeout: None,
-};
+fn rules() -> Rules {
+    Rules {
+        idle_timeout: Some(IDLE),
+        ..never_stop()
+    }
+}
+
+fn never_stop() -> Rules {
+    Rules {
+        boot_timeout: BOOT,
+        ..Rules::default()
+    }
+}
 
 fn vm() -> SocketAddr {
     "192.0.2.7:22".parse().unwrap()
@@ -123,7 +128,7 @@ fn one_start_per_burst() {
             view: view(Phase::Stopped, 0, 1, false),
             event: login(),
             now: 10 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(Phase::Starting {
                 holder: me(),
                 was: None,
@@ -135,7 +140,7 @@ fn one_start_per_burst() {
             view: view(starting.clone(), 10 * S, 2, true),
             event: login(),
             now: 11 * S,
-            rules: RULES,
+            rules: rules(),
             writes: None,
             action: Action::Wait,
         },
@@ -156,7 +161,7 @@ fn one_start_per_burst() {
             ),
             event: login(),
             now: 12 * S,
-            rules: RULES,
+            rules: rules(),
             writes: None,
             action: Action::Share(vm()),
         },
@@ -176,7 +181,7 @@ fn one_start_per_burst() {
             ),
             event: login(),
             now: 12 * S,
-            rules: RULES,
+            rules: rules(),
             writes: None,
             action: Action::ShareFailure("no capacity".into()),
         },
@@ -196,7 +201,7 @@ fn one_start_per_burst() {
                 starts_seen: 1,
             },
             now: 20 * S,
-            rules: RULES,
+            rules: rules(),
             writes: None,
             action: Action::Share(vm()),
         },
@@ -213,7 +218,7 @@ fn one_start_per_burst() {
             ),
             event: login(),
             now: 131 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(Phase::Starting {
                 holder: me(),
                 was: Some(vm()),
@@ -239,7 +244,7 @@ fn one_start_per_burst() {
                 starts_seen: 1,
             },
             now: 12 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(Phase::Starting {
                 holder: me(),
                 was: None,
@@ -254,7 +259,7 @@ fn one_start_per_burst() {
                 starts_seen: 1,
             },
             now: 20 * S,
-            rules: RULES,
+            rules: rules(),
             writes: None,
             action: Action::Warm(vm()),
         },
@@ -274,7 +279,7 @@ fn answers_of_the_start_api() {
                 ms: 30,
             },
             now: 11 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(Phase::Booting {
                 vm: vm(),
                 until: 131 * S,
@@ -290,7 +295,7 @@ fn answers_of_the_start_api() {
                 ms: 30,
             },
             now: 11 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(Phase::Failed {
                 detail: "no capacity".into(),
             }),
@@ -305,7 +310,7 @@ fn answers_of_the_start_api() {
                 ms: 30,
             },
             now: 11 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(Phase::Up { vm: vm() }),
             action: Action::Nothing,
         },
@@ -322,7 +327,7 @@ fn answers_of_the_start_api() {
             ),
             event: Event::Ready { vm: vm() },
             now: 15 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(Phase::Up { vm: vm() }),
             action: Action::Nothing,
         },
@@ -339,7 +344,7 @@ fn answers_of_the_start_api() {
             ),
             event: Event::Ready { vm: other_vm() },
             now: 15 * S,
-            rules: RULES,
+            rules: rules(),
             writes: None,
             action: Action::Nothing,
         },
@@ -360,7 +365,7 @@ fn answers_of_the_start_api() {
                 ms: 30,
             },
             now: 11 * S,
-            rules: RULES,
+            rules: rules(),
             writes: None,
             action: Action::Nothing,
         },
@@ -377,7 +382,7 @@ fn the_idle_stop() {
             view: view(up.clone(), 10 * S, 1, false),
             event: Event::Left,
             now: 20 * S,
-            rules: RULES,
+            rules: rules(),
             writes: None,
             action: Action::Nothing,
         },
@@ -386,7 +391,7 @@ fn the_idle_stop() {
             view: view(up.clone(), 10 * S, 0, false),
             event: Event::Left,
             now: 20 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(idle.clone()),
             action: Action::WaitUntil(920 * S),
         },
@@ -395,7 +400,7 @@ fn the_idle_stop() {
             view: view(idle.clone(), 10 * S, 0, false),
             event: Event::Left,
             now: 500 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(idle.clone()),
             action: Action::WaitUntil(1400 * S),
         },
@@ -404,7 +409,7 @@ fn the_idle_stop() {
             view: view(idle.clone(), 20 * S, 0, false),
             event: Event::Tick { me: me_ref() },
             now: 919 * S,
-            rules: RULES,
+            rules: rules(),
             writes: None,
             action: Action::WaitUntil(920 * S),
         },
@@ -413,7 +418,7 @@ fn the_idle_stop() {
             view: view(idle.clone(), 20 * S, 0, false),
             event: Event::Tick { me: me_ref() },
             now: 920 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(Phase::Stopping {
                 holder: me(),
                 vm: vm(),
@@ -425,7 +430,7 @@ fn the_idle_stop() {
             view: view(idle.clone(), 20 * S, 1, false),
             event: Event::Tick { me: me_ref() },
             now: 920 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(up.clone()),
             action: Action::Nothing,
         },
@@ -437,7 +442,7 @@ fn the_idle_stop() {
                 starts_seen: 1,
             },
             now: 400 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(up.clone()),
             action: Action::Warm(vm()),
         },
@@ -446,7 +451,7 @@ fn the_idle_stop() {
             view: view(idle.clone(), 20 * S, 0, false),
             event: Event::Tick { me: me_ref() },
             now: 100_000 * S,
-            rules: NEVER_STOP,
+            rules: never_stop(),
             writes: None,
             action: Action::Nothing,
         },
@@ -455,7 +460,7 @@ fn the_idle_stop() {
             view: view(up.clone(), 10 * S, 0, false),
             event: Event::Left,
             now: 20 * S,
-            rules: NEVER_STOP,
+            rules: never_stop(),
             writes: Some(idle.clone()),
             action: Action::Nothing,
         },
@@ -471,7 +476,7 @@ fn stops_in_flight_and_their_end() {
             view: view(stopping(them()), 920 * S, 1, true),
             event: login(),
             now: 921 * S,
-            rules: RULES,
+            rules: rules(),
             writes: None,
             action: Action::Wait,
         },
@@ -480,7 +485,7 @@ fn stops_in_flight_and_their_end() {
             view: view(Phase::Stopped, 922 * S, 1, false),
             event: login(),
             now: 922 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(Phase::Starting {
                 holder: me(),
                 was: None,
@@ -496,7 +501,7 @@ fn stops_in_flight_and_their_end() {
                 ms: 800,
             },
             now: 921 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(Phase::Stopped),
             action: Action::Nothing,
         },
@@ -509,7 +514,7 @@ fn stops_in_flight_and_their_end() {
                 ms: 60_000,
             },
             now: 980 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(Phase::Idle { vm: vm() }),
             action: Action::WaitUntil(1880 * S),
         },
@@ -518,7 +523,7 @@ fn stops_in_flight_and_their_end() {
             view: view(stopping(them()), 920 * S, 0, false),
             event: Event::Tick { me: me_ref() },
             now: 1000 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(Phase::Idle { vm: vm() }),
             action: Action::WaitUntil(1900 * S),
         },
@@ -527,7 +532,7 @@ fn stops_in_flight_and_their_end() {
             view: view(stopping(them()), 920 * S, 1, false),
             event: login(),
             now: 930 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(Phase::Starting {
                 holder: me(),
                 was: Some(vm()),
@@ -545,7 +550,7 @@ fn killed_processes_and_lost_hosts() {
             view: view(Phase::Up { vm: vm() }, 10 * S, 1, false),
             event: Event::Tick { me: me_ref() },
             now: 2000 * S,
-            rules: RULES,
+            rules: rules(),
             writes: None,
             action: Action::Nothing,
         },
@@ -554,7 +559,7 @@ fn killed_processes_and_lost_hosts() {
             view: view(Phase::Up { vm: vm() }, 10 * S, 0, false),
             event: Event::Tick { me: me_ref() },
             now: 2000 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(Phase::Idle { vm: vm() }),
             action: Action::WaitUntil(2900 * S),
         },
@@ -571,7 +576,7 @@ fn killed_processes_and_lost_hosts() {
             ),
             event: Event::Tick { me: me_ref() },
             now: 20 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(Phase::Idle { vm: vm() }),
             action: Action::WaitUntil(920 * S),
         },
@@ -588,7 +593,7 @@ fn killed_processes_and_lost_hosts() {
             ),
             event: Event::Tick { me: me_ref() },
             now: 20 * S,
-            rules: RULES,
+            rules: rules(),
             writes: None,
             action: Action::Nothing,
         },
@@ -605,12 +610,138 @@ fn killed_processes_and_lost_hosts() {
             ),
             event: login(),
             now: 20 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(Phase::Starting {
                 holder: me(),
                 was: None,
             }),
             action: Action::CallStart,
+        },
+    ]);
+}
+
+/// Epoch milliseconds of a UTC time such as "2026-12-07T09:00".
+fn utc(text: &str) -> u64 {
+    let at: jiff::civil::DateTime = text.parse().unwrap();
+    at.in_tz("UTC").unwrap().timestamp().as_millisecond() as u64
+}
+
+/// The rules with office hours (daily 08:00-18:00 UTC), `min_run_time` and `pre_wake` as given.
+fn office(min_run_time: Option<Duration>, pre_wake: bool) -> Rules {
+    Rules {
+        min_run_time,
+        keep_warm: std::sync::Arc::new(
+            crate::vm::warm::Windows::parse(&["daily 08:00-18:00 UTC".to_owned()]).unwrap(),
+        ),
+        pre_wake,
+        ..rules()
+    }
+}
+
+#[test]
+fn keep_warm_windows_and_min_run_time_hold_the_stop() {
+    let idle = |since, started| View {
+        record: Record {
+            phase: Phase::Idle { vm: vm() },
+            since,
+            started,
+            ..Record::default()
+        },
+        sessions: Some(0),
+        holder_alive: false,
+        revision: 0,
+    };
+    let stopping = Phase::Stopping {
+        holder: me(),
+        vm: vm(),
+    };
+    check(vec![
+        Row {
+            rule: "inside a keep-warm window an idle VM is not stopped: it waits for the window's end",
+            view: idle(utc("2026-12-07T09:00"), None),
+            event: Event::Tick { me: me_ref() },
+            now: utc("2026-12-07T09:15"),
+            rules: office(None, false),
+            writes: None,
+            action: Action::WaitUntil(utc("2026-12-07T18:00")),
+        },
+        Row {
+            rule: "at the window's end, idle for longer than idle_timeout: stopped",
+            view: idle(utc("2026-12-07T09:00"), None),
+            event: Event::Tick { me: me_ref() },
+            now: utc("2026-12-07T18:00"),
+            rules: office(None, false),
+            writes: Some(stopping.clone()),
+            action: Action::CallStop(vm()),
+        },
+        Row {
+            rule: "outside the windows, the idle stop as ever",
+            view: idle(utc("2026-12-07T19:00"), None),
+            event: Event::Tick { me: me_ref() },
+            now: utc("2026-12-07T19:15"),
+            rules: office(None, false),
+            writes: Some(stopping.clone()),
+            action: Action::CallStop(vm()),
+        },
+        Row {
+            rule: "not stopped sooner than min_run_time after its start",
+            view: idle(20 * S, Some(10 * S)),
+            event: Event::Tick { me: me_ref() },
+            now: 920 * S,
+            rules: Rules {
+                min_run_time: Some(Duration::from_secs(3600)),
+                ..rules()
+            },
+            writes: None,
+            action: Action::WaitUntil(3610 * S),
+        },
+    ]);
+}
+
+#[test]
+fn pre_wake_starts_the_vm_once_per_window() {
+    let window = utc("2026-12-07T08:00");
+    let stopped = |pre_woken| View {
+        record: Record {
+            phase: Phase::Stopped,
+            since: utc("2026-12-06T19:00"),
+            pre_woken,
+            ..Record::default()
+        },
+        sessions: Some(0),
+        holder_alive: false,
+        revision: 0,
+    };
+    check(vec![
+        Row {
+            rule: "a window starts: the VM is started ahead of the day's first login",
+            view: stopped(None),
+            event: Event::Tick { me: me_ref() },
+            now: utc("2026-12-07T08:00"),
+            rules: office(None, true),
+            writes: Some(Phase::Starting {
+                holder: me(),
+                was: None,
+            }),
+            action: Action::CallStart,
+        },
+        Row {
+            rule: "once per window: stopped later in it (by its API, say), it stays so",
+            view: stopped(Some(window)),
+            event: Event::Tick { me: me_ref() },
+            now: utc("2026-12-07T11:00"),
+            rules: office(None, true),
+            writes: None,
+            action: Action::Nothing,
+        },
+        Row {
+            rule: "without pre_wake, nothing starts before a login",
+            view: stopped(None),
+            event: Event::Tick { me: me_ref() },
+            now: utc("2026-12-07T08:00"),
+            rules: office(None, false),
+            writes: None,
+            action: Action::Nothing,
         },
     ]);
 }
@@ -623,7 +754,7 @@ fn starts_made_without_the_store_are_learnt_when_it_is_back() {
             view: view(Phase::Stopped, 10 * S, 0, false),
             event: Event::Unrecorded { vm: vm() },
             now: 500 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(Phase::Up { vm: vm() }),
             action: Action::Nothing,
         },
@@ -632,7 +763,7 @@ fn starts_made_without_the_store_are_learnt_when_it_is_back() {
             view: view(Phase::Idle { vm: other_vm() }, 10 * S, 0, false),
             event: Event::Unrecorded { vm: vm() },
             now: 500 * S,
-            rules: RULES,
+            rules: rules(),
             writes: Some(Phase::Idle { vm: vm() }),
             action: Action::Nothing,
         },
@@ -649,7 +780,7 @@ fn starts_made_without_the_store_are_learnt_when_it_is_back() {
             ),
             event: Event::Unrecorded { vm: vm() },
             now: 500 * S,
-            rules: RULES,
+            rules: rules(),
             writes: None,
             action: Action::Nothing,
         },
@@ -665,7 +796,7 @@ fn vms_that_have_not_run_for_a_day_are_forgotten() {
             view: view(Phase::Stopped, 10 * S, 0, false),
             event: Event::Tick { me: me_ref() },
             now: 10 * S + day + 1,
-            rules: RULES,
+            rules: rules(),
             writes: Some(Phase::New),
             action: Action::Nothing,
         },
@@ -674,7 +805,7 @@ fn vms_that_have_not_run_for_a_day_are_forgotten() {
             view: view(Phase::Stopped, 10 * S, 0, false),
             event: Event::Tick { me: me_ref() },
             now: 10 * S + day,
-            rules: RULES,
+            rules: rules(),
             writes: None,
             action: Action::Nothing,
         },
@@ -683,7 +814,7 @@ fn vms_that_have_not_run_for_a_day_are_forgotten() {
             view: view(Phase::Idle { vm: vm() }, 10 * S, 0, false),
             event: Event::Tick { me: me_ref() },
             now: 10 * S + 2 * day,
-            rules: NEVER_STOP,
+            rules: never_stop(),
             writes: None,
             action: Action::Nothing,
         },
@@ -742,11 +873,42 @@ fn stop_calls_are_counted_once_and_start_answers_recorded() {
             ms: 7,
         },
         9,
-        &RULES,
+        &rules(),
     );
     let Write::Put(record) = step.write else {
         panic!("a stop is recorded")
     };
     assert_eq!(record.stops, 1);
     assert_eq!(record.last_stop.map(|c| (c.ok, c.ms)), Some((true, 7)));
+}
+
+#[test]
+fn a_run_begins_with_its_first_start_and_ends_with_its_stop() {
+    let started = |was, started| {
+        let view = View {
+            record: Record {
+                phase: Phase::Starting { holder: me(), was },
+                started,
+                ..Record::default()
+            },
+            sessions: Some(1),
+            holder_alive: true,
+            revision: 0,
+        };
+        let event = Event::Started {
+            me: &me(),
+            answer: Ok(vm()),
+            ms: 1,
+        };
+        match step(&view, event, 50 * S, &rules()).write {
+            Write::Put(record) => record.started,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(started(None, None), Some(50 * S), "a new run");
+    assert_eq!(
+        started(Some(vm()), Some(10 * S)),
+        Some(10 * S),
+        "a start of a VM that runs is the same run"
+    );
 }

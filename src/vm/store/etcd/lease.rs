@@ -17,12 +17,6 @@ use crate::vm::{
     store::{StoreError, VmKey, now_ms},
 };
 
-/// What [`Event::Unrecorded`] needs of a profile: nothing.
-const NO_RULES: Rules = Rules {
-    boot_timeout: Duration::ZERO,
-    idle_timeout: None,
-};
-
 /// Pause between tries to get a lease, or to watch, while the cluster cannot answer.
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -115,7 +109,11 @@ impl Etcd {
             let told = self
                 .transact(&vm, |view| {
                     let event = Event::Unrecorded { vm: addr };
-                    (state::step(view, event, now_ms(), &NO_RULES).write, ())
+                    // It needs nothing of a profile's rules.
+                    (
+                        state::step(view, event, now_ms(), &Rules::default()).write,
+                        (),
+                    )
                 })
                 .await;
             if let Err(e) = told {
