@@ -257,7 +257,7 @@ pub struct Settings {
     )]
     pub silent_clients: Option<SilentClients>,
 
-    /// A network the start API's answers may point into, as a CIDR; repeat for more (TOML: vm_networks = [...]) [default: any but loopback, link-local and this host's own addresses]
+    /// A network the start API's answers may point into, as a CIDR; repeat for more (TOML: vm_networks = [...]). Loopback, link-local, metadata services and this host's addresses need a network inside them listed; unspecified, multicast and broadcast are never allowed [default: any but loopback, link-local, metadata services and this host's own addresses]
     #[arg(long = "vm-network", value_name = "CIDR", global = true)]
     #[serde(default)]
     pub vm_networks: Vec<String>,

@@ -57,7 +57,8 @@ pub struct Profile {
     pub stop: Option<StopConfig>,
     pub vm_scope: VmScope,
     pub vm_port: u16,
-    /// Where the start API's answers may point; empty: anywhere but loopback, link-local and this host.
+    /// Where the start API's answers may point, as `vm::targets` reads it; empty: anywhere but what it
+    /// refuses by default.
     pub vm_networks: Vec<IpNet>,
     pub silent_clients: SilentClients,
     pub boot_timeout: Duration,

@@ -78,10 +78,7 @@ impl Outcome {
 pub enum Refusal {
     #[error("VM failed to start: {0}")]
     Api(#[from] ApiError),
-    #[error(
-        "VM failed to start: the start API answered {ip}, which is {why}; the operator can allow it in vm_networks",
-        ip = .addr.ip()
-    )]
+    #[error("VM failed to start: the start API answered {ip}, {why}", ip = .addr.ip())]
     NotAllowed { addr: SocketAddr, why: NotAllowed },
     #[error(transparent)]
     NotReady(#[from] NotReady),

@@ -590,11 +590,13 @@ both_modes! {
     }
 
     /// A start API that answers with this host's loopback, its own address or the cloud's metadata service
-    /// is refused unless the operator lists those networks; nothing is connected to.
+    /// is refused unless the operator lists a network inside them (the tests' 127.0.0.0/8); a wide listing
+    /// does not open them; nothing is connected to.
     fn answers_pointing_at_the_host_are_refused(mode) {
         let answers = [
             ("127.0.0.1", "which is a loopback address"),
-            ("169.254.169.254", "which is link-local (cloud metadata services answer there)"),
+            ("169.254.169.254", "which is a cloud metadata service"),
+            ("169.254.1.2", "which is link-local"),
         ];
         for (ip, why) in answers {
             let api = StartApi::serve(move |_| Answer::text(ip));
@@ -612,11 +614,61 @@ both_modes! {
         let api = StartApi::pointing_at(&vm);
         let proxy = Proxy::builder_in(mode, &api.url())
             .default_vm_networks()
+            .args(["--vm-network=0.0.0.0/0", "--vm-network=::/0"])
+            .start();
+        let seen = refused_login(&proxy);
+        assert!(seen.contains("which is a loopback address"), "{seen}");
+        assert_eq!(vm.connections(), 0);
+
+        let api = StartApi::serve(|_| Answer::text("198.51.100.7"));
+        let proxy = Proxy::builder_in(mode, &api.url())
+            .default_vm_networks()
             .arg("--vm-network=10.0.0.0/8")
             .start();
         let seen = refused_login(&proxy);
-        assert!(seen.contains("which is outside vm_networks"), "{seen}");
-        assert_eq!(vm.connections(), 0);
+        assert!(
+            seen.contains("VM failed to start: the start API answered 198.51.100.7, which is outside vm_networks"),
+            "{seen}"
+        );
+    }
+
+    /// Linux connects 0.0.0.0 to this host, and ::ffff:0.0.0.0 too: such an answer, as JSON or text, reaches
+    /// nothing on this host (here a listener on its loopback stands for its own sshd), not even with every
+    /// network listed, and the user reads why.
+    fn unspecified_answers_reach_nothing_on_this_host(mode) {
+        let host_sshd = TcpListener::bind("127.0.0.1:0").unwrap();
+        host_sshd.set_nonblocking(true).unwrap();
+        let port = host_sshd.local_addr().unwrap().port();
+        let answers = [
+            json!({ "vm_ip": "::ffff:0.0.0.0", "port": port }).to_string(),
+            format!("[::ffff:0.0.0.0]:{port}"),
+        ];
+        for networks in [&[][..], &["--vm-network=0.0.0.0/0", "--vm-network=::/0"][..]] {
+            for answer in &answers {
+                let body = answer.clone();
+                let api = StartApi::serve(move |_| Answer::text(body.clone()));
+                let proxy = Proxy::builder_in(mode, &api.url())
+                    .default_vm_networks()
+                    .args(networks.iter().copied())
+                    .arg("--boot-timeout=3s")
+                    .start();
+                let seen = refused_login(&proxy);
+                assert!(
+                    seen.contains(
+                        "VM failed to start: the start API answered ::ffff:0.0.0.0, which is unspecified \
+                         (0.0.0.0/8 or ::), never a VM's address"
+                    ),
+                    "{answer} with {networks:?}: {seen}"
+                );
+                let summary = proxy.wait_for_summary(1);
+                assert!(summary.contains(r#"outcome="api_failed""#), "{summary}");
+                let reached = host_sshd.accept();
+                assert!(
+                    matches!(&reached, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+                    "{answer} with {networks:?} reached this host's loopback: {reached:?}"
+                );
+            }
+        }
     }
 
     /// A client that resets its connection before it is served still leaves its summary record.
