@@ -473,19 +473,27 @@ both_modes! {
 }
 
 both_modes! {
-    fn client_that_does_not_speak_ssh_starts_nothing(mode) {
+    /// An HTTP request, and SSH-1 (`SSH-1.5-`, or `SSH-1.99-`, which only servers may say): closed without a
+    /// word, as sshd would not speak with them either, and nothing is started.
+    fn client_that_does_not_speak_ssh_2_starts_nothing(mode) {
         let api = StartApi::serve(|_| Answer::text("127.0.0.1"));
         let proxy = Proxy::start_in(mode, &api.url());
-        let mut stream = TcpStream::connect(proxy.addr).unwrap();
-        stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).unwrap();
-        assert!(answer.is_empty(), "{answer:?}");
-        let summary = proxy.wait_for_summary(1);
-        assert!(summary.contains(r#"outcome="not_ssh""#), "{summary}");
+        let first_lines: [&[u8]; 3] =
+            [b"GET / HTTP/1.0\r\n\r\n", b"SSH-1.5-OpenSSH_3.9p1\r\n", b"SSH-1.99-x\r\n"];
+        for (n, first) in first_lines.into_iter().enumerate() {
+            let mut stream = TcpStream::connect(proxy.addr).unwrap();
+            stream.write_all(first).unwrap();
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).unwrap();
+            assert!(answer.is_empty(), "{answer:?}");
+            let summary = proxy.wait_for_summary(n + 1);
+            assert!(summary.contains(r#"outcome="not_ssh""#), "{summary}");
+            let shown = String::from_utf8_lossy(&first[..first.len().min(16)]);
+            assert!(summary.contains(&format!("client sent {shown:?}")), "{summary}");
+        }
         assert!(
             api.requests().is_empty(),
-            "a VM was started for an HTTP client"
+            "a VM was started for a client that does not speak SSH-2"
         );
     }
 }
