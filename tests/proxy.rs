@@ -46,8 +46,9 @@ both_modes! {
         let api = StartApi::booting(&vm, BOOT_TIME);
         let credentials = tempfile::tempdir().unwrap();
         fs::write(credentials.path().join("api-token"), "t0ken-for-the-api\n").unwrap();
+        fs::write(credentials.path().join("api-headers"), "X-Tenant: blue\n").unwrap();
         let proxy = Proxy::builder_in(mode, &api.url())
-            .args(["--profile", "lab", "--api-header", "X-Tenant: blue"])
+            .args(["--profile", "lab"])
             .env(
                 "CREDENTIALS_DIRECTORY",
                 credentials.path().display().to_string(),

@@ -152,7 +152,7 @@ impl Api {
         let config = &profile.api;
         let stop_url = profile.stop.as_ref().map(|stop| stop.url.clone());
         let mut headers = HeaderMap::new();
-        for (name, value) in &config.headers {
+        for (name, value) in config.all_headers() {
             headers.append(name.clone(), sensitive(value.expose())?);
         }
         if let Some(token) = &config.token {
