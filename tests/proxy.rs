@@ -361,6 +361,47 @@ both_modes! {
 }
 
 both_modes! {
+    /// The configured headers (token, api_headers, the api-headers credential) follow a redirect within the
+    /// API's origin, and none of them one to another origin: here only the port differs, which is enough.
+    fn configured_headers_never_follow_a_redirect_to_another_origin(mode) {
+        let vm = Vm::new();
+        let elsewhere = StartApi::booting(&vm, BOOT_TIME);
+        let elsewhere_url = elsewhere.url();
+        let api = StartApi::serve(move |request| Answer::Redirect {
+            location: if request.url == "/start" { "/moved".to_owned() } else { elsewhere_url.clone() },
+        });
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("api-token"), "t0ken\n").unwrap();
+        fs::write(dir.path().join("api-headers"), "X-Api-Key: k3y\n").unwrap();
+        let config = dir.path().join("config.toml");
+        fs::write(&config, "api_headers = [\"X-Tenant: blue\"]\n").unwrap();
+        let proxy = Proxy::builder_in(mode, &api.url())
+            .config(config.display().to_string())
+            .env("CREDENTIALS_DIRECTORY", dir.path().display().to_string())
+            .start();
+        assert_echo(proxy.addr, &vm.client_key(), "redirected");
+
+        let configured = [("Authorization", "Bearer t0ken"), ("X-Api-Key", "k3y"), ("X-Tenant", "blue")];
+        let asked = api.requests();
+        assert_eq!(asked.iter().map(|r| r.url.as_str()).collect::<Vec<_>>(), ["/start", "/moved"]);
+        for request in &asked {
+            for (name, value) in configured {
+                assert_eq!(request.header(name), Some(value), "{request:?}");
+            }
+        }
+        let told = elsewhere.requests();
+        assert_eq!(told.len(), 1);
+        let request = &told[0];
+        assert_eq!(request.method, "POST", "307 keeps the method");
+        assert_eq!(request.json()["client_addr"], "127.0.0.1", "307 keeps the body");
+        for (name, _) in configured {
+            assert_eq!(request.header(name), None, "{name} followed the redirect: {request:?}");
+        }
+        assert_eq!(request.header("Referer"), None, "{request:?}");
+    }
+}
+
+both_modes! {
     fn hung_api_is_shown_to_the_user(mode) {
         let api = StartApi::serve(|_| Answer::Hang);
         let proxy = Proxy::builder_in(mode, &api.url())
