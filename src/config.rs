@@ -429,22 +429,24 @@ fn toml_error(path: &Path, text: &str, error: &toml::de::Error) -> anyhow::Error
     )
 }
 
-/// The key whose value the text before an error ends in: the last `key =` line, under the last `[table]`
-/// before it. A best guess for the reader, from key names only.
+/// The setting whose value the text before an error ends in: the last `key =` line, under the last
+/// `[profiles.NAME]` before it. A best guess for the reader, which prints only settings' names: a line of a
+/// multi-line string that happens to hold `=` could be part of a secret.
 fn key_before(before: &str) -> Option<String> {
-    let is_key = |k: &str| {
-        !k.is_empty()
-            && k.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    use clap::Args;
+    let settings = Settings::augment_args(clap::Command::new("settings"));
+    let is_setting = |key: &str| {
+        matches!(key, "api_headers" | "ports")
+            || settings.get_arguments().any(|arg| arg.get_id() == key)
     };
     let mut lines = before.lines().rev().map(str::trim);
     let key = lines.find_map(|line| {
         let (key, _) = line.split_once('=')?;
-        is_key(key.trim()).then(|| key.trim().to_owned())
+        is_setting(key.trim()).then(|| key.trim().to_owned())
     })?;
     let table = lines.find_map(|line| {
-        let name = line.strip_prefix('[')?.strip_suffix(']')?.trim();
-        is_key(name).then_some(name)
+        let name = line.strip_prefix("[profiles.")?.strip_suffix(']')?.trim();
+        check_name(name).is_ok().then(|| format!("profiles.{name}"))
     });
     Some(match table {
         Some(table) => format!("{table}.{key}"),

@@ -302,6 +302,12 @@ fn toml_errors_say_where_and_never_quote_the_line() {
             "line 1",
             "(api_headers)",
         ),
+        // A line of a multi-line string that looks like a key is no setting's name.
+        (
+            "api_headers = [\"\"\"\ns3cret = 1\n\"\"\", 7]\n",
+            "line 3, column 6",
+            "(api_headers)",
+        ),
         (
             "api_url = \"http://x/\"\n[profiles.gpu]\nports = [2222]\napi_headers = [1, \"X: s3cret\"]\n",
             "line 4",
