@@ -14,14 +14,19 @@ use clap_mangen::{
 };
 use ssh_on_demand::{
     cli::Cli,
-    config::{DEFAULT_CONFIG_FILE, TOKEN_CREDENTIAL, defaults::STATE_DIR as DEFAULT_STATE_DIR},
+    config::{
+        DEFAULT_CONFIG_FILE, HEADERS_CREDENTIAL, TOKEN_CREDENTIAL,
+        defaults::STATE_DIR as DEFAULT_STATE_DIR,
+    },
     logging::SYSLOG_IDENTIFIER,
     report::{Outcome, SUMMARY_MESSAGE_ID},
     vm::lifecycle::LIFECYCLE_MESSAGE_ID,
 };
 
-/// Where the package installs the token for `LoadCredential=api-token:ssh-on-demand.api-token`.
+/// Where the units load the token from (`LoadCredential=api-token:ssh-on-demand.api-token`).
 const CREDSTORE_TOKEN: &str = "/etc/credstore/ssh-on-demand.api-token";
+/// Where the units load secret extra headers from (`LoadCredential=api-headers:ssh-on-demand.api-headers`).
+const CREDSTORE_HEADERS: &str = "/etc/credstore/ssh-on-demand.api-headers";
 
 fn main() -> ExitCode {
     let Some(dir) = env::args_os().nth(1).map(PathBuf::from) else {
@@ -98,6 +103,15 @@ fn extra_sections() -> Roff {
         &format!(
             "The start API's bearer token (mode 0600). The unit passes it to the service as the \
              systemd credential \"{TOKEN_CREDENTIAL}\"; without the file, requests carry no token."
+        ),
+    );
+    item(
+        &mut roff,
+        CREDSTORE_HEADERS,
+        &format!(
+            "Secret extra headers for the start and stop APIs, one \"Name: value\" per line (mode 0600). The \
+             units pass it to the service as the systemd credential \"{HEADERS_CREDENTIAL}\". Header values \
+             are never taken from the command line, which every local user can read."
         ),
     );
     item(

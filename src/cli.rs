@@ -42,6 +42,11 @@ pub struct Cli {
     #[command(flatten)]
     pub settings: Settings,
 
+    /// Refused with a reason, not taken: header values are secrets, and every local user can read the
+    /// command line. (It was accepted once; an operator who still passes it learns where headers go now.)
+    #[arg(long, value_name = "NAME: VALUE", global = true, hide = true)]
+    pub api_header: Vec<String>,
+
     /// Where log records go; auto: the journal under systemd, else stderr, and never the client's socket
     #[arg(long, env = "SSH_ON_DEMAND_LOG_TARGET", value_enum, default_value_t = LogTarget::Auto, global = true)]
     pub log_target: LogTarget,
@@ -181,10 +186,29 @@ pub struct Settings {
     )]
     pub api_ca_file: Option<PathBuf>,
 
-    /// Extra header for the start and stop API, as "Name: value"; repeat for more (TOML: api_headers = [...])
-    #[arg(long = "api-header", value_name = "NAME: VALUE", global = true)]
+    /// File only: extra headers for the start and stop API, as "Name: value". The file is readable by every
+    /// local user: secret values go in api_headers_file or its credential.
+    #[arg(skip)]
     #[serde(default)]
     pub api_headers: Vec<String>,
+
+    /// File of extra headers for the start and stop API, one "Name: value" per line; their values are kept secret [default: the systemd credential api_headers_credential, if any]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_API_HEADERS_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub api_headers_file: Option<PathBuf>,
+
+    /// Name of the systemd credential holding extra headers, used when api_headers_file is not set [default: api-headers]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_API_HEADERS_CREDENTIAL",
+        value_name = "NAME",
+        global = true
+    )]
+    pub api_headers_credential: Option<String>,
 
     /// Time one request to the start or stop API may take [default: 10s]
     #[arg(long, env = "SSH_ON_DEMAND_API_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION", global = true)]
@@ -287,7 +311,7 @@ pub struct Settings {
     )]
     pub silent_clients: Option<SilentClients>,
 
-    /// A network the start API's answers may point into, as a CIDR; repeat for more (TOML: vm_networks = [...]) [default: any but loopback, link-local and this host's own addresses]
+    /// A network the start API's answers may point into, as a CIDR; repeat for more (TOML: vm_networks = [...]). Loopback, link-local, metadata services and this host's addresses need a network inside them listed; unspecified, multicast and broadcast are never allowed [default: any but loopback, link-local, metadata services and this host's own addresses]
     #[arg(long = "vm-network", value_name = "CIDR", global = true)]
     #[serde(default)]
     pub vm_networks: Vec<String>,
@@ -459,6 +483,8 @@ impl Settings {
             } else {
                 self.api_headers
             },
+            api_headers_file: self.api_headers_file.or(lower.api_headers_file),
+            api_headers_credential: self.api_headers_credential.or(lower.api_headers_credential),
             api_timeout: self.api_timeout.or(lower.api_timeout),
             profile: self.profile.or(lower.profile),
             stop_url: self.stop_url.or(lower.stop_url),

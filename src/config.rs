@@ -2,8 +2,9 @@
 //!
 //! Precedence, highest first: command-line flags, `SSH_ON_DEMAND_*` environment variables, the file's top
 //! level, built-in defaults. A `[profiles.NAME]` table takes the connections of its `ports` and overrides the
-//! top level for them. The API token is never taken from the command line or the environment, where other
-//! users can read it (`ps`, `/proc/*/environ`): only from a file or a systemd credential.
+//! top level for them. The API token and header values are never taken from the command line or the
+//! environment, where other users can read them (`ps`, `/proc/*/environ`): only from the file, another file
+//! or a systemd credential.
 
 use std::{
     collections::BTreeMap,
@@ -32,6 +33,8 @@ use crate::{
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/ssh-on-demand/config.toml";
 /// Name of the API token in `$CREDENTIALS_DIRECTORY` (`LoadCredential=api-token:…` in the unit).
 pub const TOKEN_CREDENTIAL: &str = "api-token";
+/// Name of the extra headers in `$CREDENTIALS_DIRECTORY` (`LoadCredential=api-headers:…` in the unit).
+pub const HEADERS_CREDENTIAL: &str = "api-headers";
 
 pub mod defaults;
 mod store;
@@ -66,7 +69,8 @@ pub struct Profile {
     pub pre_wake: bool,
     pub vm_scope: VmScope,
     pub vm_port: u16,
-    /// Where the start API's answers may point; empty: anywhere but loopback, link-local and this host.
+    /// Where the start API's answers may point, as `vm::targets` reads it; empty: anywhere but what it
+    /// refuses by default.
     pub vm_networks: Vec<IpNet>,
     pub silent_clients: SilentClients,
     pub boot_timeout: Duration,
@@ -74,6 +78,9 @@ pub struct Profile {
     pub vm_banner_timeout: Duration,
     pub client_banner_timeout: Duration,
 }
+
+/// Extra headers, in order. Header values may be credentials too, so they are kept as secrets.
+pub type Headers = Vec<(HeaderName, Secret)>;
 
 /// What the start and stop requests share.
 #[derive(Debug)]
@@ -83,9 +90,19 @@ pub struct ApiConfig {
     /// Where the token was read from, for `check-config`.
     pub token_source: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
-    /// Header values may be credentials too, so they are kept as secrets.
-    pub headers: Vec<(HeaderName, Secret)>,
+    /// `api_headers` from the configuration file.
+    pub headers: Headers,
+    /// The headers of `api_headers_file` or the systemd credential, and where they were read from.
+    pub headers_file: Option<(PathBuf, Headers)>,
     pub timeout: Duration,
+}
+
+impl ApiConfig {
+    /// Every header to send, the file's after the configuration's.
+    pub fn all_headers(&self) -> impl Iterator<Item = &(HeaderName, Secret)> {
+        let from_file = self.headers_file.iter().flat_map(|(_, headers)| headers);
+        self.headers.iter().chain(from_file)
+    }
 }
 
 #[derive(Debug)]
@@ -115,6 +132,12 @@ impl Config {
     /// The configuration for this process: flags and environment from `cli`, the TOML file it names (or the
     /// default one), and token credentials from `$CREDENTIALS_DIRECTORY`.
     pub fn load(cli: &Cli) -> Result<Config> {
+        ensure!(
+            cli.api_header.is_empty(),
+            "--api-header is not accepted: every local user can read the command line (ps, systemctl \
+             status); put the headers in api_headers_file or the {HEADERS_CREDENTIAL} credential, or (not \
+             secret) api_headers in the configuration file"
+        );
         let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
         Self::resolve(
             cli.config.as_deref(),
@@ -289,11 +312,27 @@ impl Profile {
         let headers = settings
             .api_headers
             .iter()
-            .map(|line| parse_header(line))
+            .enumerate()
+            .map(|(i, line)| {
+                parse_header(line).with_context(|| format!("api_headers entry {}", i + 1))
+            })
             .collect::<Result<Vec<_>>>()?;
+        let headers_file = read_headers(
+            settings.api_headers_file.as_deref(),
+            settings
+                .api_headers_credential
+                .as_deref()
+                .unwrap_or(HEADERS_CREDENTIAL),
+            credentials_dir,
+        )?;
+        let from_file = headers_file.iter().flat_map(|(_, headers)| headers);
         ensure!(
-            token.is_none() || !headers.iter().any(|(name, _)| name == AUTHORIZATION),
-            "api_headers sets Authorization and an API token is configured too: keep one"
+            token.is_none()
+                || !headers
+                    .iter()
+                    .chain(from_file)
+                    .any(|(name, _)| name == AUTHORIZATION),
+            "the extra headers set Authorization and an API token is configured too: keep one"
         );
         if let Some(ca) = &settings.api_ca_file {
             let https =
@@ -351,6 +390,7 @@ impl Profile {
                 token_source,
                 ca_file: settings.api_ca_file,
                 headers,
+                headers_file,
                 timeout: positive("api_timeout", settings.api_timeout, defaults::API_TIMEOUT)?,
             },
             stop,
@@ -402,8 +442,77 @@ fn read_file(named: Option<&Path>) -> Result<(Option<PathBuf>, Settings)> {
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let settings = toml::from_str(&text).with_context(|| format!("in {}", path.display()))?;
+    let settings = toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))?;
     Ok((Some(path.to_owned()), settings))
+}
+
+/// Where the file is wrong and what is wrong there, without the line itself, which toml's own message
+/// quotes: it may hold a secret (an `api_headers` value), and this reaches `check-config`'s output and the
+/// journal. Quoted text in the message (`invalid type: string "…"`) is masked for the same reason.
+fn toml_error(path: &Path, text: &str, error: &toml::de::Error) -> anyhow::Error {
+    let mut place = String::new();
+    if let Some(span) = error.span() {
+        let before = text.get(..span.start).unwrap_or(text);
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+        place = format!(", line {line}, column {column}");
+        if let Some(key) = key_before(before) {
+            place.push_str(&format!(" ({key})"));
+        }
+    }
+    anyhow::anyhow!(
+        "{}{place}: {}",
+        path.display(),
+        masked(error.message().trim())
+    )
+}
+
+/// The setting whose value the text before an error ends in: the last `key =` line, under the last
+/// `[profiles.NAME]` before it. A best guess for the reader, which prints only settings' names: a line of a
+/// multi-line string that happens to hold `=` could be part of a secret.
+fn key_before(before: &str) -> Option<String> {
+    use clap::Args;
+    let settings = Settings::augment_args(clap::Command::new("settings"));
+    let is_setting = |key: &str| {
+        matches!(key, "api_headers" | "ports")
+            || settings.get_arguments().any(|arg| arg.get_id() == key)
+    };
+    let mut lines = before.lines().rev().map(str::trim);
+    let key = lines.find_map(|line| {
+        let (key, _) = line.split_once('=')?;
+        is_setting(key.trim()).then(|| key.trim().to_owned())
+    })?;
+    let table = lines.find_map(|line| {
+        let name = line.strip_prefix("[profiles.")?.strip_suffix(']')?.trim();
+        check_name(name).is_ok().then(|| format!("profiles.{name}"))
+    });
+    Some(match table {
+        Some(table) => format!("{table}.{key}"),
+        None => key,
+    })
+}
+
+/// `message` with the text between double quotes replaced by `***`.
+fn masked(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quoted = false;
+    let mut escaped = false;
+    for c in message.chars() {
+        match (quoted, escaped, c) {
+            (true, false, '\\') => escaped = true,
+            (true, true, _) => escaped = false,
+            (_, _, '"') => {
+                out.push_str(if quoted { "***\"" } else { "\"" });
+                quoted = !quoted;
+            }
+            (false, _, c) => out.push(c),
+            (true, false, _) => {}
+        }
+    }
+    if quoted {
+        out.push_str("***");
+    }
+    out
 }
 
 /// A profile's table sets only what a profile has: not the host's settings, not its own name.
@@ -502,16 +611,46 @@ fn read_token(
     Ok((Some(Secret::new(token)), Some(path)))
 }
 
+/// Extra headers from `api_headers_file` if set, else from the systemd credential `credential` if present:
+/// one `Name: value` per line; blank lines and `#` comments are skipped.
+fn read_headers(
+    file: Option<&Path>,
+    credential: &str,
+    credentials_dir: Option<&Path>,
+) -> Result<Option<(PathBuf, Headers)>> {
+    ensure!(
+        !credential.is_empty() && !credential.contains('/'),
+        "api_headers_credential {credential:?} is not a credential name"
+    );
+    let path = match (file, credentials_dir) {
+        (Some(file), _) => file.to_owned(),
+        (None, Some(dir)) if dir.join(credential).exists() => dir.join(credential),
+        _ => return Ok(None),
+    };
+    let text = fs::read_to_string(&path)
+        .with_context(|| format!("reading the API headers from {}", path.display()))?;
+    let headers = text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty() && !line.trim_start().starts_with('#'))
+        .map(|(i, line)| {
+            parse_header(line).with_context(|| format!("{}, line {}", path.display(), i + 1))
+        })
+        .collect::<Result<_>>()?;
+    Ok(Some((path, headers)))
+}
+
+/// A `Name: value` line. The errors never show the line: a value, or a name that swallowed one, is a secret.
 fn parse_header(line: &str) -> Result<(HeaderName, Secret)> {
     let Some((name, value)) = line.split_once(':') else {
-        bail!("api header {line:?} is not of the form \"Name: value\"");
+        bail!("not of the form \"Name: value\"");
     };
     let name = HeaderName::from_bytes(name.trim().as_bytes())
-        .with_context(|| format!("api header name {:?} is not valid", name.trim()))?;
+        .map_err(|_| anyhow::anyhow!("the text before ':' is not a header name"))?;
     let value = value.trim();
     ensure!(
         HeaderValue::from_str(value).is_ok(),
-        "api header {name} has a value an HTTP header cannot carry"
+        "header {name} has a value an HTTP header cannot carry"
     );
     Ok((name, Secret::new(value)))
 }

@@ -344,7 +344,7 @@ impl Connection {
             Err(_) if self.early.is_empty() => Ok(Identified::Silent),
             Ok(Ok(Some(false))) => {
                 self.stats.reason = Some(format!(
-                    "client sent {:?} instead of an SSH identification",
+                    "client sent {:?} instead of an SSH-2.0 identification",
                     String::from_utf8_lossy(&self.early[..self.early.len().min(16)])
                 ));
                 Err(Outcome::NotSsh)

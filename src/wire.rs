@@ -77,11 +77,14 @@ pub fn put_string(out: &mut Vec<u8>, s: &[u8]) {
 /// The longest identification line a peer may send (RFC 4253 §4.2: 255 bytes, CR LF included).
 pub const MAX_IDENTIFICATION_LINE: usize = 255;
 
-/// What a client's first bytes say: `Some(true)` once they start with `SSH-` (every SSH client opens with its
-/// identification, RFC 4253 §4.2), `Some(false)` as soon as they cannot, `None` while too few have arrived to
-/// tell. A port scanner or an HTTP request is told apart from the first byte that differs.
+/// What a client's first bytes say: `Some(true)` once they start with `SSH-2.0-` (every SSH client opens with
+/// its identification, RFC 4253 §4.2), `Some(false)` as soon as they cannot, `None` while too few have arrived
+/// to tell. A port scanner or an HTTP request is told apart from the first byte that differs.
+///
+/// Only protocol 2.0 starts a VM: no VM's sshd speaks SSH-1 (`SSH-1.5-`), and `SSH-1.99-` is what a server
+/// that also speaks SSH-1 says of itself (RFC 4253 §5.1), never what a client sends.
 pub fn client_identification(early: &[u8]) -> Option<bool> {
-    const SSH: &[u8] = b"SSH-";
+    const SSH: &[u8] = b"SSH-2.0-";
     let seen = &early[..early.len().min(SSH.len())];
     if !SSH.starts_with(seen) {
         Some(false)
@@ -236,11 +239,17 @@ mod tests {
     fn client_identification_is_told_from_the_first_differing_byte() {
         assert_eq!(client_identification(b""), None);
         assert_eq!(client_identification(b"SS"), None);
-        assert_eq!(client_identification(b"SSH-"), Some(true));
+        assert_eq!(client_identification(b"SSH-"), None);
+        assert_eq!(client_identification(b"SSH-2.0"), None);
+        assert_eq!(client_identification(b"SSH-2.0-"), Some(true));
         assert_eq!(
             client_identification(b"SSH-2.0-OpenSSH_9.2\r\n"),
             Some(true)
         );
+        assert_eq!(client_identification(b"SSH-1.5-x\r\n"), Some(false));
+        assert_eq!(client_identification(b"SSH-1"), Some(false));
+        assert_eq!(client_identification(b"SSH-1.99-x\r\n"), Some(false));
+        assert_eq!(client_identification(b"SSH-2.00-x"), Some(false));
         assert_eq!(client_identification(b"G"), Some(false));
         assert_eq!(client_identification(b"SSH2"), Some(false));
         assert_eq!(client_identification(b"\x16\x03\x01"), Some(false));

@@ -116,6 +116,68 @@ fn the_token_is_never_taken_from_the_command_line() {
     assert_eq!(output.status.code(), Some(2));
 }
 
+/// Header values are secrets: not taken from the command line (an operator who still passes one learns where
+/// they go), never shown by a TOML error (toml quotes the offending line) or a malformed entry.
+#[test]
+fn header_values_never_reach_the_command_line_or_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(dir.path(), "config.toml", "api_url = \"http://x/\"\n");
+    let output = ssh_on_demand(
+        &[
+            "check-config",
+            "--config",
+            &config,
+            "--api-header",
+            "X-Api-Key: s3cret",
+        ],
+        &[],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let error = text(&output.stderr);
+    assert!(error.contains("--api-header is not accepted"), "{error}");
+    assert!(error.contains("api_headers_file"), "{error}");
+    assert!(!error.contains("s3cret"), "{error}");
+
+    for (content, expected) in [
+        (
+            "api_url = \"http://x/\"\napi_headers = \"X-Api-Key: s3cret\"\n",
+            "config.toml, line 2, column 15 (api_headers): invalid type: string \"***\", expected a sequence",
+        ),
+        (
+            "api_url = \"http://x/\"\napi_headers = [\"X-Api-Key: s3cret\" \"X-Other: s3cret\"]\n",
+            "config.toml, line 2, column 36 (api_headers): ",
+        ),
+        (
+            "api_url = \"http://x/\"\napi_headers = [\"X-Api-Key s3cret\"]\n",
+            "api_headers entry 1: not of the form \"Name: value\"",
+        ),
+    ] {
+        let config = write(dir.path(), "config.toml", content);
+        let output = ssh_on_demand(&["check-config", "--config", &config], &[]);
+        assert_eq!(output.status.code(), Some(1), "{content}");
+        let error = text(&output.stderr);
+        assert!(error.contains(expected), "{expected:?} missing in: {error}");
+        assert!(!error.contains("s3cret"), "{error}");
+    }
+
+    let config = write(dir.path(), "good.toml", "api_url = \"http://x/\"\n");
+    let headers = write(dir.path(), "headers", "X-Api-Key: s3cret\n");
+    let output = ssh_on_demand(
+        &[
+            "check-config",
+            "--config",
+            &config,
+            "--api-headers-file",
+            &headers,
+        ],
+        &[],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let shown = text(&output.stdout);
+    assert!(shown.contains("# x-api-key: ***"), "{shown}");
+    assert!(!shown.contains("s3cret"), "{shown}");
+}
+
 #[test]
 fn run_by_hand_it_explains_what_it_is_for() {
     let output = ssh_on_demand(&["--api-url", "http://127.0.0.1:9/"], &[]);

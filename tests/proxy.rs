@@ -46,8 +46,9 @@ both_modes! {
         let api = StartApi::booting(&vm, BOOT_TIME);
         let credentials = tempfile::tempdir().unwrap();
         fs::write(credentials.path().join("api-token"), "t0ken-for-the-api\n").unwrap();
+        fs::write(credentials.path().join("api-headers"), "X-Tenant: blue\n").unwrap();
         let proxy = Proxy::builder_in(mode, &api.url())
-            .args(["--profile", "lab", "--api-header", "X-Tenant: blue"])
+            .args(["--profile", "lab"])
             .env(
                 "CREDENTIALS_DIRECTORY",
                 credentials.path().display().to_string(),
@@ -360,6 +361,47 @@ both_modes! {
 }
 
 both_modes! {
+    /// The configured headers (token, api_headers, the api-headers credential) follow a redirect within the
+    /// API's origin, and none of them one to another origin: here only the port differs, which is enough.
+    fn configured_headers_never_follow_a_redirect_to_another_origin(mode) {
+        let vm = Vm::new();
+        let elsewhere = StartApi::booting(&vm, BOOT_TIME);
+        let elsewhere_url = elsewhere.url();
+        let api = StartApi::serve(move |request| Answer::Redirect {
+            location: if request.url == "/start" { "/moved".to_owned() } else { elsewhere_url.clone() },
+        });
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("api-token"), "t0ken\n").unwrap();
+        fs::write(dir.path().join("api-headers"), "X-Api-Key: k3y\n").unwrap();
+        let config = dir.path().join("config.toml");
+        fs::write(&config, "api_headers = [\"X-Tenant: blue\"]\n").unwrap();
+        let proxy = Proxy::builder_in(mode, &api.url())
+            .config(config.display().to_string())
+            .env("CREDENTIALS_DIRECTORY", dir.path().display().to_string())
+            .start();
+        assert_echo(proxy.addr, &vm.client_key(), "redirected");
+
+        let configured = [("Authorization", "Bearer t0ken"), ("X-Api-Key", "k3y"), ("X-Tenant", "blue")];
+        let asked = api.requests();
+        assert_eq!(asked.iter().map(|r| r.url.as_str()).collect::<Vec<_>>(), ["/start", "/moved"]);
+        for request in &asked {
+            for (name, value) in configured {
+                assert_eq!(request.header(name), Some(value), "{request:?}");
+            }
+        }
+        let told = elsewhere.requests();
+        assert_eq!(told.len(), 1);
+        let request = &told[0];
+        assert_eq!(request.method, "POST", "307 keeps the method");
+        assert_eq!(request.json()["client_addr"], "127.0.0.1", "307 keeps the body");
+        for (name, _) in configured {
+            assert_eq!(request.header(name), None, "{name} followed the redirect: {request:?}");
+        }
+        assert_eq!(request.header("Referer"), None, "{request:?}");
+    }
+}
+
+both_modes! {
     fn hung_api_is_shown_to_the_user(mode) {
         let api = StartApi::serve(|_| Answer::Hang);
         let proxy = Proxy::builder_in(mode, &api.url())
@@ -473,19 +515,27 @@ both_modes! {
 }
 
 both_modes! {
-    fn client_that_does_not_speak_ssh_starts_nothing(mode) {
+    /// An HTTP request, and SSH-1 (`SSH-1.5-`, or `SSH-1.99-`, which only servers may say): closed without a
+    /// word, as sshd would not speak with them either, and nothing is started.
+    fn client_that_does_not_speak_ssh_2_starts_nothing(mode) {
         let api = StartApi::serve(|_| Answer::text("127.0.0.1"));
         let proxy = Proxy::start_in(mode, &api.url());
-        let mut stream = TcpStream::connect(proxy.addr).unwrap();
-        stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).unwrap();
-        assert!(answer.is_empty(), "{answer:?}");
-        let summary = proxy.wait_for_summary(1);
-        assert!(summary.contains(r#"outcome="not_ssh""#), "{summary}");
+        let first_lines: [&[u8]; 3] =
+            [b"GET / HTTP/1.0\r\n\r\n", b"SSH-1.5-OpenSSH_3.9p1\r\n", b"SSH-1.99-x\r\n"];
+        for (n, first) in first_lines.into_iter().enumerate() {
+            let mut stream = TcpStream::connect(proxy.addr).unwrap();
+            stream.write_all(first).unwrap();
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).unwrap();
+            assert!(answer.is_empty(), "{answer:?}");
+            let summary = proxy.wait_for_summary(n + 1);
+            assert!(summary.contains(r#"outcome="not_ssh""#), "{summary}");
+            let shown = String::from_utf8_lossy(&first[..first.len().min(16)]);
+            assert!(summary.contains(&format!("client sent {shown:?}")), "{summary}");
+        }
         assert!(
             api.requests().is_empty(),
-            "a VM was started for an HTTP client"
+            "a VM was started for a client that does not speak SSH-2"
         );
     }
 }
@@ -590,11 +640,13 @@ both_modes! {
     }
 
     /// A start API that answers with this host's loopback, its own address or the cloud's metadata service
-    /// is refused unless the operator lists those networks; nothing is connected to.
+    /// is refused unless the operator lists a network inside them (the tests' 127.0.0.0/8); a wide listing
+    /// does not open them; nothing is connected to.
     fn answers_pointing_at_the_host_are_refused(mode) {
         let answers = [
             ("127.0.0.1", "which is a loopback address"),
-            ("169.254.169.254", "which is link-local (cloud metadata services answer there)"),
+            ("169.254.169.254", "which is a cloud metadata service"),
+            ("169.254.1.2", "which is link-local"),
         ];
         for (ip, why) in answers {
             let api = StartApi::serve(move |_| Answer::text(ip));
@@ -612,11 +664,61 @@ both_modes! {
         let api = StartApi::pointing_at(&vm);
         let proxy = Proxy::builder_in(mode, &api.url())
             .default_vm_networks()
+            .args(["--vm-network=0.0.0.0/0", "--vm-network=::/0"])
+            .start();
+        let seen = refused_login(&proxy);
+        assert!(seen.contains("which is a loopback address"), "{seen}");
+        assert_eq!(vm.connections(), 0);
+
+        let api = StartApi::serve(|_| Answer::text("198.51.100.7"));
+        let proxy = Proxy::builder_in(mode, &api.url())
+            .default_vm_networks()
             .arg("--vm-network=10.0.0.0/8")
             .start();
         let seen = refused_login(&proxy);
-        assert!(seen.contains("which is outside vm_networks"), "{seen}");
-        assert_eq!(vm.connections(), 0);
+        assert!(
+            seen.contains("VM failed to start: the start API answered 198.51.100.7, which is outside vm_networks"),
+            "{seen}"
+        );
+    }
+
+    /// Linux connects 0.0.0.0 to this host, and ::ffff:0.0.0.0 too: such an answer, as JSON or text, reaches
+    /// nothing on this host (here a listener on its loopback stands for its own sshd), not even with every
+    /// network listed, and the user reads why.
+    fn unspecified_answers_reach_nothing_on_this_host(mode) {
+        let host_sshd = TcpListener::bind("127.0.0.1:0").unwrap();
+        host_sshd.set_nonblocking(true).unwrap();
+        let port = host_sshd.local_addr().unwrap().port();
+        let answers = [
+            json!({ "vm_ip": "::ffff:0.0.0.0", "port": port }).to_string(),
+            format!("[::ffff:0.0.0.0]:{port}"),
+        ];
+        for networks in [&[][..], &["--vm-network=0.0.0.0/0", "--vm-network=::/0"][..]] {
+            for answer in &answers {
+                let body = answer.clone();
+                let api = StartApi::serve(move |_| Answer::text(body.clone()));
+                let proxy = Proxy::builder_in(mode, &api.url())
+                    .default_vm_networks()
+                    .args(networks.iter().copied())
+                    .arg("--boot-timeout=3s")
+                    .start();
+                let seen = refused_login(&proxy);
+                assert!(
+                    seen.contains(
+                        "VM failed to start: the start API answered ::ffff:0.0.0.0, which is unspecified \
+                         (0.0.0.0/8 or ::), never a VM's address"
+                    ),
+                    "{answer} with {networks:?}: {seen}"
+                );
+                let summary = proxy.wait_for_summary(1);
+                assert!(summary.contains(r#"outcome="api_failed""#), "{summary}");
+                let reached = host_sshd.accept();
+                assert!(
+                    matches!(&reached, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+                    "{answer} with {networks:?} reached this host's loopback: {reached:?}"
+                );
+            }
+        }
     }
 
     /// A client that resets its connection before it is served still leaves its summary record.

@@ -746,11 +746,12 @@ fn example_config_documents_every_setting() {
         .map(|line| line.split('=').next().unwrap().trim().to_owned())
         .collect();
     // The TOML keys are the names of the settings' fields, which clap uses as argument ids; `ports` is a
-    // profile's only.
+    // profile's only, `api_headers` the file's only.
     let mut settings: BTreeSet<String> = Settings::augment_args(clap::Command::new("settings"))
         .get_arguments()
         .map(|arg| arg.get_id().to_string())
         .collect();
     settings.insert("ports".to_owned());
+    settings.insert("api_headers".to_owned());
     assert_eq!(keys, settings);
 }

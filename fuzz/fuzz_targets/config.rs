@@ -21,9 +21,11 @@ fn scratch() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
     })
 }
 
-/// Token files are read whole: a fuzzed path could name /dev/zero. Those inputs are left out.
+/// Token and header files are read whole: a fuzzed path could name /dev/zero. Those inputs are left out.
 fn reads_files(settings: &Settings) -> bool {
-    settings.api_token_file.is_some() || settings.profiles.values().any(reads_files)
+    settings.api_token_file.is_some()
+        || settings.api_headers_file.is_some()
+        || settings.profiles.values().any(reads_files)
 }
 
 fn resolve(path: &std::path::Path, text: &str) -> anyhow::Result<Config> {

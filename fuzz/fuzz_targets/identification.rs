@@ -8,10 +8,10 @@
 use libfuzzer_sys::fuzz_target;
 use ssh_on_demand::wire::{client_identification, has_identification};
 
-/// RFC 4253 §4.2: the client's first bytes are `SSH-`; after four bytes the answer is known.
+/// RFC 4253 §4.2 and §5.1: a client's first bytes are `SSH-2.0-`; after eight bytes the answer is known.
 fn client_reference(bytes: &[u8]) -> Option<bool> {
-    let ssh = b"SSH-";
-    if bytes.len() >= 4 {
+    let ssh = b"SSH-2.0-";
+    if bytes.len() >= 8 {
         Some(bytes.starts_with(ssh))
     } else if ssh.starts_with(bytes) {
         None

@@ -1,13 +1,17 @@
 //! The start API's answer: whatever the API sends, `parse_answer` returns a usable address or one line the
-//! user can read, and never panics.
+//! user can read, and never panics; and `targets` refuses an address that reaches this host or no VM, in any
+//! form, even with every network listed.
 //!
 //! Input: the first byte picks the Content-Type and the default port, the rest is the body.
 #![no_main]
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use libfuzzer_sys::fuzz_target;
-use ssh_on_demand::vm::api::parse_answer;
+use ssh_on_demand::vm::{
+    api::parse_answer,
+    targets::{Host, check_on},
+};
 
 const CONTENT_TYPES: [&str; 6] = [
     "",
@@ -18,6 +22,33 @@ const CONTENT_TYPES: [&str; 6] = [
     "text/html",
 ];
 
+/// Where Linux connects `ip`: the IPv4 address inside an IPv4-mapped (`::ffff:a.b.c.d`) or IPv4-compatible
+/// (`::a.b.c.d`, but not `::` or `::1`) IPv6 address, else `ip` itself. Written from RFC 4291 §2.5.5.
+fn reference_target(ip: IpAddr) -> IpAddr {
+    let IpAddr::V6(v6) = ip else {
+        return ip;
+    };
+    let s = v6.segments();
+    let mapped = s[..5] == [0; 5] && s[5] == 0xffff;
+    let compatible = s[..6] == [0; 6] && !(s[6] == 0 && s[7] <= 1);
+    if mapped || compatible {
+        let [.., a, b, c, d] = v6.octets();
+        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+    } else {
+        ip
+    }
+}
+
+/// Never a VM, or this host's loopback, whatever the operator lists.
+fn reference_refused_under_any_listing(ip: IpAddr) -> bool {
+    match reference_target(ip) {
+        IpAddr::V4(v4) => {
+            v4.octets()[0] == 0 || v4.is_multicast() || v4.is_broadcast() || v4.is_loopback()
+        }
+        IpAddr::V6(v6) => v6.is_unspecified() || v6.is_multicast() || v6.is_loopback(),
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, body)) = data.split_first() else {
         return;
@@ -27,9 +58,11 @@ fuzz_target!(|data: &[u8]| {
     match parse_answer(content_type, body, default_port) {
         Ok(addr) => {
             let ip = addr.ip();
-            assert!(!ip.is_unspecified() && !ip.is_multicast(), "{addr}");
-            assert_ne!(ip, IpAddr::from([255, 255, 255, 255]));
             assert_ne!(addr.port(), 0);
+            let everything = ["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()];
+            if reference_refused_under_any_listing(ip) {
+                assert!(check_on(&Host::default(), ip, &everything).is_err(), "{addr} allowed");
+            }
             // The address, written back as either form of answer, reads as the same address.
             let text = addr.to_string();
             assert_eq!(

@@ -71,6 +71,18 @@ impl fmt::Display for Profile {
             .map(|(name, value)| quoted(&format!("{name}: {value}")))
             .collect();
         writeln!(f, "api_headers = [{}]", headers.join(", "))?;
+        if let Some((path, headers)) = &self.api.headers_file {
+            let headers: Vec<String> = headers
+                .iter()
+                .map(|(name, value)| format!("{name}: {value}"))
+                .collect();
+            writeln!(
+                f,
+                "api_headers_file = {}  # {}",
+                quoted(&path.display().to_string()),
+                headers.join(", ")
+            )?;
+        }
         writeln!(f, "api_timeout = {}", duration(self.api.timeout))?;
         // A named profile's name is its table's; only the top level says it.
         if self.ports.is_empty() {

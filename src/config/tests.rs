@@ -273,3 +273,149 @@ fn bad_headers_and_zero_timeouts_are_errors() {
     let error = resolve(settings, None).unwrap_err();
     assert!(error.to_string().contains("boot_timeout"), "{error}");
 }
+
+#[test]
+fn toml_errors_say_where_and_never_quote_the_line() {
+    let cases = [
+        (
+            "api_url = \"http://x/\"\napi_headers = \"X-Api-Key: s3cret\"\n",
+            "line 2",
+            "(api_headers)",
+        ),
+        (
+            "api_url = \"http://x/\"\napi_headers = [\"X-Api-Key: s3cret\"\n",
+            "line 2",
+            "(api_headers)",
+        ),
+        (
+            "api_headers = [\n  \"X-Api-Key: s3cret\",\n  s3cret2,\n]\n",
+            "line 3, column 3",
+            "(api_headers)",
+        ),
+        (
+            "api_url = \"http://u:s3cret@h/\" s3cret\n",
+            "line 1",
+            "(api_url)",
+        ),
+        (
+            "api_headers = \"\"\"\nX-Api-Key: s3cret\"\"\"\n",
+            "line 1",
+            "(api_headers)",
+        ),
+        // A line of a multi-line string that looks like a key is no setting's name.
+        (
+            "api_headers = [\"\"\"\ns3cret = 1\n\"\"\", 7]\n",
+            "line 3, column 6",
+            "(api_headers)",
+        ),
+        (
+            "api_url = \"http://x/\"\n[profiles.gpu]\nports = [2222]\napi_headers = [1, \"X: s3cret\"]\n",
+            "line 4",
+            "(profiles.gpu.api_headers)",
+        ),
+    ];
+    for (text, line, key) in cases {
+        let error = format!("{:#}", resolve_file(text, Settings::default()).unwrap_err());
+        assert!(!error.contains("s3cret"), "{text:?}: {error}");
+        assert!(!error.contains('\n'), "{text:?}: {error}");
+        assert!(
+            error.contains(line) && error.contains(key),
+            "{text:?}: {error}"
+        );
+    }
+}
+
+#[test]
+fn malformed_headers_are_not_echoed() {
+    for line in [
+        "Authorization Bearer s3cret",
+        "Authorization Bearer s3cret:x",
+        "X-Api-Key: s3cret\u{1}",
+    ] {
+        let settings = Settings {
+            api_headers: vec!["X-Tenant: blue".into(), line.into()],
+            ..given("http://x/")
+        };
+        let error = format!("{:#}", resolve(settings, None).unwrap_err());
+        assert!(!error.contains("s3cret"), "{error}");
+        assert!(error.starts_with("api_headers entry 2: "), "{error}");
+    }
+}
+
+#[test]
+fn headers_come_from_a_file_or_the_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "# for the start API\nX-Api-Key: s3cret-one\n\nX-Other: s3cret-two\n";
+    let file = write(dir.path(), "headers", text);
+    let settings = Settings {
+        api_headers: vec!["X-Tenant: blue".into()],
+        api_headers_file: Some(file.clone()),
+        ..given("http://x/")
+    };
+    let config = resolve(settings, None).unwrap();
+    let headers: Vec<String> = default(&config)
+        .api
+        .all_headers()
+        .map(|(name, value)| format!("{name}: {}", value.expose()))
+        .collect();
+    assert_eq!(
+        headers,
+        [
+            "x-tenant: blue",
+            "x-api-key: s3cret-one",
+            "x-other: s3cret-two"
+        ]
+    );
+    let shown = config.to_string();
+    assert!(!shown.contains("s3cret"), "{shown}");
+    assert!(
+        shown.contains(&format!(
+            "api_headers_file = \"{}\"  # x-api-key: ***, x-other: ***",
+            file.display()
+        )),
+        "{shown}"
+    );
+
+    // Under systemd: the credential, unless a file is named.
+    let credentials = tempfile::tempdir().unwrap();
+    write(
+        credentials.path(),
+        HEADERS_CREDENTIAL,
+        "X-Api-Key: from-credential\n",
+    );
+    let config = resolve(given("http://x/"), Some(credentials.path())).unwrap();
+    let (path, headers) = default(&config).api.headers_file.as_ref().unwrap();
+    assert_eq!(path, &credentials.path().join(HEADERS_CREDENTIAL));
+    assert_eq!(headers[0].1.expose(), "from-credential");
+
+    // A bad line is named by its number, not shown.
+    write(
+        dir.path(),
+        "headers",
+        "X-Api-Key: fine\nAuthorization Bearer s3cret\n",
+    );
+    let settings = Settings {
+        api_headers_file: Some(file.clone()),
+        ..given("http://x/")
+    };
+    let error = format!("{:#}", resolve(settings, None).unwrap_err());
+    assert!(!error.contains("s3cret"), "{error}");
+    assert!(
+        error.contains("headers, line 2: not of the form"),
+        "{error}"
+    );
+
+    // Authorization from the file and a token: one too many.
+    write(dir.path(), "headers", "Authorization: Bearer s3cret\n");
+    let token = write(dir.path(), "token", "t0ken");
+    let settings = Settings {
+        api_headers_file: Some(file),
+        api_token_file: Some(token),
+        ..given("http://x/")
+    };
+    let error = resolve(settings, None).unwrap_err().to_string();
+    assert!(
+        error.contains("set Authorization and an API token"),
+        "{error}"
+    );
+}

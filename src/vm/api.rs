@@ -4,7 +4,8 @@
 //! start is either JSON `{"vm_ip": "192.168.0.57", "port": 22}` (port optional) or plain text `192.168.0.57`,
 //! `192.168.0.57:2222` or `[2001:db8::7]:2222`; a 2xx answer to a stop is all it takes. A 4xx answer refuses,
 //! and its text (or the JSON `error`/`message` field) is shown to the user. Connection errors, timeouts and
-//! 5xx are retried until the caller's deadline.
+//! 5xx are retried until the caller's deadline. Redirects are followed here, not by reqwest, so that the
+//! configured headers (the token, `api_headers`) never follow one to another origin.
 
 use std::{
     fmt, fs,
@@ -14,8 +15,8 @@ use std::{
 
 use anyhow::{Context, ensure};
 use reqwest::{
-    Certificate, StatusCode,
-    header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue},
+    Certificate, Method, StatusCode,
+    header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, LOCATION},
     redirect::Policy,
 };
 use serde::Serialize;
@@ -118,15 +119,14 @@ pub enum ApiError {
     },
     #[error("the {0} redirected more than {MAX_REDIRECTS} times")]
     TooManyRedirects(Endpoint),
+    #[error("the {0} redirected to something other than an http:// or https:// URL")]
+    BadRedirect(Endpoint),
     #[error("the {0}'s answer is larger than {k} KiB", k = MAX_ANSWER_BYTES / 1024)]
     TooLarge(Endpoint),
     #[error("the start API's answer is unusable: {0}")]
     BadAnswer(#[from] Unusable),
     /// The answer points where no VM may be (`vm_networks`): a failed start, like any unusable answer.
-    #[error(
-        "the start API answered {ip}, which is {why}; the operator can allow it in vm_networks",
-        ip = .addr.ip()
-    )]
+    #[error("the start API answered {ip}, {why}", ip = .addr.ip())]
     NotAllowed { addr: SocketAddr, why: NotAllowed },
     /// Another connection's start of the same VM, whose answer this connection shares.
     #[error("{0}")]
@@ -148,6 +148,8 @@ impl ApiError {
 /// TLS set-up and connections are reused.
 pub struct Api {
     client: reqwest::Client,
+    /// The token and `api_headers`: for the configured URLs' origins only.
+    headers: HeaderMap,
     start_url: SecretUrl,
     stop_url: Option<SecretUrl>,
     timeout: Duration,
@@ -159,7 +161,7 @@ impl Api {
         let config = &profile.api;
         let stop_url = profile.stop.as_ref().map(|stop| stop.url.clone());
         let mut headers = HeaderMap::new();
-        for (name, value) in &config.headers {
+        for (name, value) in config.all_headers() {
             headers.append(name.clone(), sensitive(value.expose())?);
         }
         if let Some(token) = &config.token {
@@ -173,10 +175,11 @@ impl Api {
         // of the probe's CPUID instructions traps to the hypervisor (14 µs apiece on the benchmark's machine).
         // ring probes only once it does cryptography. An error means a provider is installed already.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // reqwest would follow redirects with every header but its own sensitive ones (Authorization, Cookie)
+        // to any host, and add a Referer: `send` follows them instead.
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("ssh-on-demand/", env!("CARGO_PKG_VERSION")))
-            .default_headers(headers)
-            .redirect(Policy::limited(MAX_REDIRECTS));
+            .redirect(Policy::none());
         let https = config.url.scheme() == "https"
             || stop_url.as_ref().is_some_and(|u| u.scheme() == "https");
         if https {
@@ -200,6 +203,7 @@ impl Api {
         }
         Ok(Api {
             client: builder.build().context("setting up the HTTP client")?,
+            headers,
             start_url: config.url.clone(),
             stop_url,
             timeout: config.timeout,
@@ -290,15 +294,7 @@ impl Api {
         let left = call.deadline.saturating_duration_since(Instant::now());
         let endpoint = call.endpoint;
         let exchange = async {
-            let response = self
-                .client
-                .post(call.url.expose().clone())
-                .header(CONTENT_TYPE, "application/json")
-                .header(ACCEPT, "application/json, text/plain")
-                .body(body)
-                .send()
-                .await
-                .map_err(|e| classify(endpoint, e))?;
+            let response = self.send(call, body).await?;
             let status = response.status();
             let content_type = response
                 .headers()
@@ -321,6 +317,56 @@ impl Api {
             Err(_) if left < self.timeout => Err(ApiError::Deadline(endpoint, call.budget)),
             Err(_) => Err(ApiError::Timeout(endpoint, self.timeout)),
         }
+    }
+
+    /// POSTs `body` to the call's URL and follows up to [`MAX_REDIRECTS`] redirects as browsers and reqwest
+    /// do (301 and 302 turn a POST into a GET, 303 always, 307 and 308 keep it), but once a redirect leaves
+    /// the URL's origin (scheme, host and port) the configured headers stay behind for the rest of the
+    /// chain: a header that authenticates to one API must not reach whatever it redirects to.
+    async fn send(&self, call: &Call<'_>, body: Vec<u8>) -> Result<reqwest::Response, ApiError> {
+        let endpoint = call.endpoint;
+        let mut url = call.url.expose().clone();
+        let mut body = Some(body);
+        let mut headers = Some(&self.headers);
+        for _ in 0..=MAX_REDIRECTS {
+            let method = if body.is_some() {
+                Method::POST
+            } else {
+                Method::GET
+            };
+            let mut request = self
+                .client
+                .request(method, url.clone())
+                .header(ACCEPT, "application/json, text/plain");
+            if let Some(headers) = headers {
+                request = request.headers(headers.clone());
+            }
+            if let Some(body) = &body {
+                request = request
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(body.clone());
+            }
+            let response = request.send().await.map_err(|e| classify(endpoint, e))?;
+            let status = response.status().as_u16();
+            let followed = matches!(status, 301 | 302 | 303 | 307 | 308);
+            let Some(location) = response.headers().get(LOCATION).filter(|_| followed) else {
+                return Ok(response);
+            };
+            let next = location
+                .to_str()
+                .ok()
+                .and_then(|location| url.join(location).ok())
+                .filter(|next| matches!(next.scheme(), "http" | "https"))
+                .ok_or(ApiError::BadRedirect(endpoint))?;
+            if matches!(status, 301..=303) {
+                body = None;
+            }
+            if next.origin() != url.origin() {
+                headers = None;
+            }
+            url = next;
+        }
+        Err(ApiError::TooManyRedirects(endpoint))
     }
 }
 
@@ -348,9 +394,6 @@ fn sensitive(value: &str) -> anyhow::Result<HeaderValue> {
 }
 
 fn classify(endpoint: Endpoint, error: reqwest::Error) -> ApiError {
-    if error.is_redirect() {
-        return ApiError::TooManyRedirects(endpoint);
-    }
     // reqwest's own text is "error sending request for url (…)"; the innermost cause says what went wrong.
     let mut cause: &dyn std::error::Error = &error;
     let mut tls = false;

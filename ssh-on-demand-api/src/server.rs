@@ -1,17 +1,26 @@
 //! The HTTP side: `POST /start` and `POST /stop` as the proxy sends them, the bearer token, and the
 //! listeners (systemd's sockets, loopback TCP or a unix socket), all serving HTTP/1.1.
+//!
+//! Every request is admitted by [`admit`] before anything else: the token from its headers, then a body of
+//! at most [`MAX_BODY_BYTES`]. A request without the token has no byte of its body read, so it costs this
+//! process nothing but its headers, however much it announces or sends.
 
 use std::{net::IpAddr, path::Path, sync::Arc};
 
 use anyhow::{Context, Result, bail};
 use axum::{
     Json, Router,
-    body::Bytes,
-    extract::State,
-    http::{HeaderMap, StatusCode, header::AUTHORIZATION},
+    body::{Body, Bytes},
+    extract::{Request, State},
+    http::{
+        HeaderMap, StatusCode,
+        header::{AUTHORIZATION, CONTENT_LENGTH},
+    },
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::post,
 };
+use http_body_util::LengthLimitError;
 use serde::Deserialize;
 use ssh_on_demand_common::secret::Secret;
 use tokio::net::{TcpListener, UnixListener};
@@ -43,17 +52,53 @@ struct StopRequest {
     idle_seconds: Option<u64>,
 }
 
+/// The largest body a request may have. The proxy's are a few hundred bytes (a profile name is at most 64);
+/// this leaves room for fields it may add, and bounds what an authorized client can make this process hold.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/start", post(start))
         .route("/stop", post(stop))
+        .layer(middleware::from_fn_with_state(app.clone(), admit))
         .with_state(app)
 }
 
-async fn start(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(refusal) = authorize(&app, &headers) {
+/// Lets a request through once it has the token and a body of at most [`MAX_BODY_BYTES`], read here whole.
+/// The token comes first and from the headers alone: until it matches, not one body byte is read.
+async fn admit(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    if let Err(refusal) = authorize(&app, request.headers()) {
         return refusal.into_response();
     }
+    let too_large = || {
+        let what = "the request body is larger than ";
+        Refusal(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            what,
+            format!("{} KiB", MAX_BODY_BYTES / 1024),
+        )
+    };
+    let announced = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return too_large().into_response();
+    }
+    let (parts, body) = request.into_parts();
+    match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(body) => next.run(Request::from_parts(parts, Body::from(body))).await,
+        Err(e) if std::error::Error::source(&e).is_some_and(|e| e.is::<LengthLimitError>()) => {
+            too_large().into_response()
+        }
+        Err(_) => {
+            let what = "the request body could not be read";
+            Refusal(StatusCode::BAD_REQUEST, what, String::new()).into_response()
+        }
+    }
+}
+
+async fn start(State(app): State<Arc<App>>, body: Bytes) -> Response {
     let request: StartRequest = match parse(&body) {
         Ok(r) => r,
         Err(refusal) => return refusal.into_response(),
@@ -82,10 +127,7 @@ async fn start(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> 
     }
 }
 
-async fn stop(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(refusal) = authorize(&app, &headers) {
-        return refusal.into_response();
-    }
+async fn stop(State(app): State<Arc<App>>, body: Bytes) -> Response {
     let request: StopRequest = match parse(&body) {
         Ok(r) => r,
         Err(refusal) => return refusal.into_response(),
