@@ -135,13 +135,13 @@ pub fn sweep(config: Result<Config>) -> ExitCode {
     runtime.block_on(async {
         let ctx = Context::new(config.clone(), false);
         let mut stops = tokio::task::JoinSet::new();
-        for watch in lifecycle::sweep(&ctx.lifecycle, &config, now_ms()).await {
-            let Some(profile) = config.profile_labeled(&watch.key().profile) else {
+        for due in lifecycle::sweep(&ctx.lifecycle, &config, now_ms()).await {
+            let Some(profile) = config.profile_labeled(&due.key().profile) else {
                 continue;
             };
             match ctx.api(profile) {
                 Ok(api) => {
-                    stops.spawn(async move { watch.run(&api).await });
+                    stops.spawn(async move { due.run(&api).await });
                 }
                 Err(e) => error!("{e:#}"),
             }

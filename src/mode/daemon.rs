@@ -32,7 +32,7 @@ use crate::{
     report::Outcome,
     session::{self, Context},
     vm::{
-        lifecycle::{self, IdleWatch},
+        lifecycle::{self, Due},
         state::Shown,
         store::{Store, etcd::Etcd, local::Local, now_ms},
     },
@@ -378,7 +378,7 @@ impl Daemon {
                 _ = sweep.tick() => {
                     let ctx = self.current();
                     let watches = lifecycle::sweep(&ctx.lifecycle, &ctx.config, u64::MAX).await;
-                    self.run_idle_watches(&ctx, watches);
+                    self.run_due(&ctx, watches);
                 }
                 Some(change) = async { changes.as_mut()?.recv().await } => {
                     let ctx = self.current();
@@ -386,7 +386,7 @@ impl Daemon {
                         Some(key) => lifecycle::sweep_one(&ctx.lifecycle, &ctx.config, &key).await.into_iter().collect(),
                         None => lifecycle::sweep(&ctx.lifecycle, &ctx.config, u64::MAX).await,
                     };
-                    self.run_idle_watches(&ctx, watches);
+                    self.run_due(&ctx, watches);
                 }
                 _ = status.tick() => {
                     let text = self.status_text().await;
@@ -396,15 +396,20 @@ impl Daemon {
         }
     }
 
-    fn run_idle_watches(&self, ctx: &Context, watches: Vec<IdleWatch>) {
-        for watch in watches {
-            let Some(profile) = ctx.config.profile_labeled(&watch.key().profile) else {
+    /// Runs what the sweep found due: idle waits, and starts ahead of logins.
+    fn run_due(&self, ctx: &Context, due: Vec<Due>) {
+        for due in due {
+            let Some(profile) = ctx.config.profile_labeled(&due.key().profile) else {
                 continue;
             };
             match ctx.api(profile) {
                 Ok(api) => {
                     let metrics = self.metrics.clone();
-                    tokio::spawn(async move { metrics.stop(watch.run(&api).await) });
+                    tokio::spawn(async move {
+                        if let Some(stopped) = due.run(&api).await {
+                            metrics.stop(stopped);
+                        }
+                    });
                 }
                 Err(e) => error!("{e:#}"),
             }

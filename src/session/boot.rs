@@ -11,7 +11,7 @@ use crate::{
     config::Profile,
     report::{Refusal, Stats},
     vm::{
-        api::{ApiError, Endpoint, StartRequest, Started},
+        api::{ApiError, Connection, Endpoint, StartRequest, Started},
         lifecycle::Lease,
         readiness::{self, Ready, Timeouts},
         targets,
@@ -95,11 +95,14 @@ impl Boot<'_> {
             Refusal::Misconfigured
         })?;
         let request = StartRequest {
-            client_addr: self.peer.ip(),
-            client_port: self.peer.port(),
-            local_addr: self.local.ip(),
-            local_port: self.local.port(),
+            connection: Some(Connection {
+                client_addr: self.peer.ip(),
+                client_port: self.peer.port(),
+                local_addr: self.local.ip(),
+                local_port: self.local.port(),
+            }),
             profile: profile.name.as_deref(),
+            reason: None,
         };
         self.ctx
             .status(&format!("starting the VM for {}", self.peer));

@@ -42,12 +42,23 @@ pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// The start POST's body: what is known of the connection. APIs that ignore bodies keep working.
 #[derive(Debug, Serialize)]
 pub struct StartRequest<'a> {
+    /// The connection that asks; none for a start ahead of logins.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<Connection>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<&'a str>,
+    /// Why a start without a connection is made: `"pre_wake"`, at a keep-warm window's start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+}
+
+/// Who asks for the VM: the client, and the address it reached.
+#[derive(Debug, Serialize)]
+pub struct Connection {
     pub client_addr: IpAddr,
     pub client_port: u16,
     pub local_addr: IpAddr,
     pub local_port: u16,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub profile: Option<&'a str>,
 }
 
 /// The stop POST's body: which VM, and why now.

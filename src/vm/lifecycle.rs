@@ -522,5 +522,7 @@ fn decision(level: Level, key: &VmKey, view: &View, decision: &str, why: &str, i
 mod sweep;
 #[cfg(test)]
 mod tests;
+mod wake;
 
-pub use sweep::{sweep, sweep_one};
+pub use sweep::{Due, sweep, sweep_one};
+pub use wake::PreWake;

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use jiff::{
     Timestamp,
     civil::{Date, Time, Weekday},
@@ -24,8 +24,8 @@ const DAYS: [(Weekday, &str); 7] = [
     (Weekday::Sunday, "Sun"),
 ];
 
-/// One window: on each of its days, from `start` to `end` in `tz` (past midnight into the next day when
-/// `end` is not after `start`).
+/// One window: on each of its days, from `start` to `end` in `tz` (into the next day when `end` is not after
+/// `start`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Window {
     days: [bool; 7],
@@ -110,8 +110,8 @@ impl Window {
         let (start, end) = hours
             .split_once('-')
             .with_context(|| format!("{hours:?} is not HH:MM-HH:MM"))?;
+        // An end at or before the start is on the next day: 22:00-06:00 spans the night, 00:00-24:00 a day.
         let (start, end) = (time(start)?, time(end)?);
-        ensure!(start != end, "the window {hours} is empty");
         Ok(Window {
             days: parse_days(days)?,
             start,
@@ -278,6 +278,11 @@ mod tests {
             Some(at("UTC", "2026-12-12T02:00")),
             "Saturday 01:00 is still Friday's window"
         );
+        let all_day = windows(&["daily 00:00-24:00 UTC"]);
+        assert_eq!(
+            all_day.covering(at("UTC", "2026-12-07T23:59")),
+            Some(at("UTC", "2026-12-08T00:00"))
+        );
         let joined = windows(&["daily 08:00-12:00 UTC", "daily 12:00-14:00 UTC"]);
         assert_eq!(
             joined.covering(at("UTC", "2026-12-07T09:00")),
@@ -299,7 +304,6 @@ mod tests {
             ("Mon-Fri 8-18 UTC", "HH:MM"),
             ("Someday 08:00-18:00 UTC", "not a day"),
             ("Mon 08:00-18:00 Mars/Olympus", "not a time zone"),
-            ("Mon 08:00-08:00 UTC", "empty"),
             ("08:00-18:00", "expected DAYS"),
         ] {
             let error = format!("{:#}", Window::parse(spec).unwrap_err());
