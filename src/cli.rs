@@ -316,6 +316,34 @@ pub struct Settings {
     #[serde(default)]
     pub vm_networks: Vec<String>,
 
+    /// A network whose client addresses may wake the profile's VMs, as a CIDR; repeat for more (TOML: client_networks = [...]); others are refused [default: any]
+    #[arg(long = "client-network", value_name = "CIDR", global = true)]
+    #[serde(default)]
+    pub client_networks: Vec<String>,
+
+    /// At most this many VM starts from one client address, as "N per DURATION", or "none" [default: 10 per 10m]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_SOURCE_START_LIMIT",
+        value_name = "N per DURATION",
+        global = true
+    )]
+    pub source_start_limit: Option<String>,
+
+    /// Connections in a row that wake a VM and go no further before their address is refused for a while (0: never) [default: 3]
+    #[arg(
+        long,
+        env = "SSH_ON_DEMAND_PENALTY_STRIKES",
+        value_name = "N",
+        global = true
+    )]
+    pub penalty_strikes: Option<u32>,
+
+    /// The longest a penalty lasts; the first is 30s, each further one in a row twice the last [default: 1h]
+    #[arg(long, env = "SSH_ON_DEMAND_PENALTY_MAX", value_parser = humantime::parse_duration, value_name = "DURATION", global = true)]
+    #[serde(default, with = "humantime_serde")]
+    pub penalty_max: Option<Duration>,
+
     /// Host: directory of the state that connections share: VMs, their sessions and idle clocks [default: /run/ssh-on-demand]
     #[arg(
         long,
@@ -509,6 +537,14 @@ impl Settings {
             } else {
                 self.vm_networks
             },
+            client_networks: if self.client_networks.is_empty() {
+                lower.client_networks
+            } else {
+                self.client_networks
+            },
+            source_start_limit: self.source_start_limit.or(lower.source_start_limit),
+            penalty_strikes: self.penalty_strikes.or(lower.penalty_strikes),
+            penalty_max: self.penalty_max.or(lower.penalty_max),
             state_dir: self.state_dir.or(lower.state_dir),
             state_store: self.state_store.or(lower.state_store),
             etcd_endpoints: if self.etcd_endpoints.is_empty() {

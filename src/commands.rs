@@ -65,10 +65,12 @@ pub fn status(cli: &Cli, json: bool) -> ExitCode {
                     }
                     _ => None,
                 };
+                let sources = status::sources(&store).await.map_err(unreadable)?;
                 Ok::<_, String>(status::Report {
                     store: name,
                     hosts,
                     vms,
+                    sources,
                 })
             })
         });

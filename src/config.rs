@@ -25,6 +25,7 @@ use reqwest::{
 
 use crate::{
     cli::{Cli, Settings, SilentClients, VmScope},
+    guard::{self, StartLimit},
     secret::{Secret, SecretUrl},
     vm::warm::Windows,
 };
@@ -72,6 +73,13 @@ pub struct Profile {
     /// Where the start API's answers may point, as `vm::targets` reads it; empty: anywhere but what it
     /// refuses by default.
     pub vm_networks: Vec<IpNet>,
+    /// Client addresses that may wake the profile's VMs; empty: any.
+    pub client_networks: Vec<IpNet>,
+    /// `None`: no budget.
+    pub start_limit: Option<StartLimit>,
+    /// 0: no penalties.
+    pub penalty_strikes: u32,
+    pub penalty_max: Duration,
     pub silent_clients: SilentClients,
     pub boot_timeout: Duration,
     pub vm_connect_timeout: Duration,
@@ -396,17 +404,15 @@ impl Profile {
             stop,
             vm_scope,
             vm_port,
-            vm_networks: settings
-                .vm_networks
-                .iter()
-                .map(|net| {
-                    net.parse()
-                        .or_else(|_| net.parse::<IpAddr>().map(IpNet::from))
-                        .with_context(|| {
-                            format!("vm_networks: {net:?} is not a network such as 10.0.0.0/8")
-                        })
-                })
-                .collect::<Result<_>>()?,
+            vm_networks: networks("vm_networks", &settings.vm_networks)?,
+            client_networks: networks("client_networks", &settings.client_networks)?,
+            start_limit: match settings.source_start_limit.as_deref() {
+                Some("none") => None,
+                Some(limit) => Some(limit.parse().context("source_start_limit")?),
+                None => Some(defaults::SOURCE_START_LIMIT),
+            },
+            penalty_strikes: settings.penalty_strikes.unwrap_or(guard::PENALTY_STRIKES),
+            penalty_max: positive("penalty_max", settings.penalty_max, guard::PENALTY_MAX)?,
             silent_clients: settings.silent_clients.unwrap_or_default(),
             boot_timeout: positive(
                 "boot_timeout",
@@ -430,6 +436,18 @@ impl Profile {
             )?,
         })
     }
+}
+
+/// CIDRs (or single addresses) of the setting `key`.
+fn networks(key: &str, texts: &[String]) -> Result<Vec<IpNet>> {
+    texts
+        .iter()
+        .map(|net| {
+            net.parse()
+                .or_else(|_| net.parse::<IpAddr>().map(IpNet::from))
+                .with_context(|| format!("{key}: {net:?} is not a network such as 10.0.0.0/8"))
+        })
+        .collect()
 }
 
 /// The named file, which must exist, or the default one if it exists.

@@ -4,11 +4,12 @@
 //! A connection comes in through one of two [`mode`]s and is served by [`session`]: the client's
 //! identification ([`wire`]), its VM's lease and shared start ([`vm::lifecycle`]), the start API
 //! ([`vm::api`]), the wait for the VM's sshd ([`vm::readiness`]), and the relay ([`relay`]), or a refusal the
-//! user can read ([`report`]).
+//! user can read ([`report`]). [`guard`] decides who may wake VMs at all.
 
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod guard;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

@@ -56,6 +56,11 @@ struct SideLabel {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RuleLabel {
+    rule: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct StateLabel {
     state: &'static str,
 }
@@ -72,6 +77,7 @@ pub struct Metrics {
     bytes: Family<DirectionLabel, Counter>,
     relay_failures: Family<SideLabel, Counter>,
     vms: Family<StateLabel, Gauge>,
+    refusals: Family<RuleLabel, Counter>,
 }
 
 impl Metrics {
@@ -89,6 +95,7 @@ impl Metrics {
             bytes: Family::default(),
             relay_failures: Family::default(),
             vms: Family::default(),
+            refusals: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -98,7 +105,7 @@ impl Metrics {
         );
         registry.register(
             "connections",
-            "Connections ended, by outcome (relayed, client_gone, not_ssh, api_failed, vm_not_ready, misconfigured, busy)",
+            "Connections ended, by outcome (relayed, client_gone, not_ssh, api_failed, vm_not_ready, misconfigured, busy, refused)",
             metrics.connections.clone(),
         );
         registry.register(
@@ -131,6 +138,11 @@ impl Metrics {
             "vms",
             "VMs the store knows, by state (new, starting, booting, up, idle, stopping, stopped, failed, interrupted)",
             metrics.vms.clone(),
+        );
+        registry.register(
+            "refusals",
+            "Connections whose address the guard refused, by rule (client_networks, source_start_limit, penalty)",
+            metrics.refusals.clone(),
         );
         if let Store::Etcd(etcd) = store {
             let counters = etcd.counters();
@@ -205,6 +217,9 @@ impl Metrics {
             self.bytes
                 .get_or_create(&DirectionLabel { direction })
                 .inc_by(n);
+        }
+        if let Some(rule) = stats.refused_by {
+            self.refusals.get_or_create(&RuleLabel { rule }).inc();
         }
         if let Some(side) = stats.relay_failed {
             self.relay_failures

@@ -6,6 +6,7 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 use tracing::Level;
 
 use crate::{
+    guard::Refused,
     relay::{Side, Transferred},
     vm::{api::ApiError, readiness::NotReady},
 };
@@ -30,10 +31,12 @@ pub enum Outcome {
     Misconfigured,
     /// Daemon: over one of its limits; the client was told which.
     Busy,
+    /// The guard refused the client's address (`client_networks`, its start budget, a penalty).
+    Refused,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::Relayed,
         Outcome::ClientGone,
         Outcome::NotSsh,
@@ -41,6 +44,7 @@ impl Outcome {
         Outcome::VmNotReady,
         Outcome::Misconfigured,
         Outcome::Busy,
+        Outcome::Refused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +56,7 @@ impl Outcome {
             Outcome::VmNotReady => "vm_not_ready",
             Outcome::Misconfigured => "misconfigured",
             Outcome::Busy => "busy",
+            Outcome::Refused => "refused",
         }
     }
 
@@ -59,7 +64,11 @@ impl Outcome {
     pub fn is_failure(self) -> bool {
         matches!(
             self,
-            Outcome::ApiFailed | Outcome::VmNotReady | Outcome::Misconfigured | Outcome::Busy
+            Outcome::ApiFailed
+                | Outcome::VmNotReady
+                | Outcome::Misconfigured
+                | Outcome::Busy
+                | Outcome::Refused
         )
     }
 
@@ -86,6 +95,8 @@ pub enum Refusal {
     Misconfigured,
     #[error("this host is busy: {0}; try again later")]
     Busy(&'static str),
+    #[error(transparent)]
+    Guard(#[from] Refused),
 }
 
 impl Refusal {
@@ -95,6 +106,7 @@ impl Refusal {
             Refusal::NotReady(_) => Outcome::VmNotReady,
             Refusal::Misconfigured => Outcome::Misconfigured,
             Refusal::Busy(_) => Outcome::Busy,
+            Refusal::Guard(_) => Outcome::Refused,
         }
     }
 }
@@ -113,6 +125,10 @@ pub struct Stats {
     pub relay_failed: Option<Side>,
     /// Why the shared state could not be used: this connection's start was its own, unshared.
     pub store_error: Option<String>,
+    /// It made the start call for a VM that did not run.
+    pub woke: bool,
+    /// The guard's rule that refused it.
+    pub refused_by: Option<&'static str>,
 }
 
 /// The one summary record of a connection: a warning for failures, so that `journalctl -p warning` lists
@@ -127,6 +143,8 @@ pub fn summarize(peer: Option<SocketAddr>, outcome: Outcome, stats: &Stats, dura
         reason,
         relay_failed,
         store_error,
+        woke,
+        refused_by,
     } = stats;
     let who = peer.map_or("client".to_owned(), |p| p.to_string());
     let message = match (outcome, reason) {
@@ -149,6 +167,8 @@ pub fn summarize(peer: Option<SocketAddr>, outcome: Outcome, stats: &Stats, dura
                 reason = reason.as_deref(),
                 relay_failed = relay_failed.map(Side::as_str),
                 store_error = store_error.as_deref(),
+                refused_by = *refused_by,
+                woke = *woke,
                 api_ms = api.map(|d| d.as_millis() as u64),
                 vm_wait_ms = vm_wait.map(|d| d.as_millis() as u64),
                 shared_start = *shared_start,

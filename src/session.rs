@@ -20,6 +20,7 @@ use tracing::{Instrument, Span, debug, error, field, info_span, warn};
 use crate::{
     cli::SilentClients,
     config::{Config, Profile},
+    guard::{Guard, SourceRecord},
     limits::{Limits, Slot},
     relay,
     report::{self, Outcome, Refusal, Stats},
@@ -158,6 +159,15 @@ pub async fn run(client: TcpStream, ctx: &Context, profile: Option<&Arc<Profile>
         if let Some(lease) = &mut lease {
             lease.end().await;
         }
+        // Likewise its strike, if it earned one.
+        if let (Some(profile), Some(peer), Some(seen)) = (profile, conn.peer, conn.source.take()) {
+            let guard = Guard {
+                store: ctx.lifecycle.store(),
+                profile,
+            };
+            let strike = conn.stats.woke && conn.went_no_further(outcome);
+            guard.ended(peer.ip(), conn.stats.woke, strike, &seen).await;
+        }
         conn.summarize(outcome);
         let idle = match (lease, profile) {
             (Some(lease), Some(profile)) => match lease.leave().await {
@@ -217,6 +227,8 @@ struct Connection {
     /// Client bytes read before the relay: its identification line, maybe more.
     early: Vec<u8>,
     stats: Stats,
+    /// What the guard knew of the client's address when it let it in.
+    source: Option<SourceRecord>,
 }
 
 impl Connection {
@@ -228,6 +240,7 @@ impl Connection {
             accepted: Instant::now(),
             early: Vec::with_capacity(4096),
             stats: Stats::default(),
+            source: None,
         }
     }
 
@@ -269,6 +282,14 @@ impl Connection {
                 return (self.silent(profile, "and is closed"), None);
             }
         };
+        let guard = Guard {
+            store: ctx.lifecycle.store(),
+            profile,
+        };
+        let seen = match guard.admit(peer.ip()).await {
+            Ok(seen) => seen,
+            Err(refused) => return (self.refuse(refused.into()).await, None),
+        };
         // From here on the connection counts as a session of its VM: no stop while it waits or relays.
         let lease = match ctx.lifecycle.join(profile, peer).await {
             Ok(lease) => {
@@ -289,6 +310,12 @@ impl Connection {
                 None
             }
         };
+        // A connection that would wake its VM spends its address's budget; one to a VM that runs does not.
+        let wakes = known.is_none() && lease.as_ref().and_then(Lease::running).is_none();
+        if wakes && let Err(refused) = guard.may_start(&seen) {
+            return (self.refuse(refused.into()).await, lease);
+        }
+        self.source = Some(seen);
         let waiting = match ctx.wait_slot(lease.as_ref()) {
             Ok(waiting) => waiting,
             Err(busy) => return (self.refuse(Refusal::Busy(busy)).await, lease),
@@ -314,6 +341,10 @@ impl Connection {
         };
         let booted = until_client_leaves(client, early, work).await;
         drop(waiting);
+        self.stats.woke |= lease.as_ref().is_some_and(Lease::woke);
+        if self.stats.woke {
+            guard.started(peer.ip()).await;
+        }
         let outcome = match booted {
             None => {
                 self.stats.reason = Some("client hung up before the VM was ready".to_owned());
@@ -373,7 +404,25 @@ impl Connection {
         Outcome::NotSsh
     }
 
+    /// A connection that woke its VM and went no further than its identification line: it left before the
+    /// VM answered, or sent the VM nothing more.
+    fn went_no_further(&self, outcome: Outcome) -> bool {
+        let identification = self
+            .early
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(0, |end| end + 1);
+        match outcome {
+            Outcome::ClientGone => true,
+            Outcome::Relayed => self.stats.transferred.to_vm <= identification as u64,
+            _ => false,
+        }
+    }
+
     async fn refuse(&mut self, refusal: Refusal) -> Outcome {
+        if let Refusal::Guard(refused) = &refusal {
+            self.stats.refused_by = Some(refused.rule());
+        }
         let reason = refusal.to_string();
         if let Err(e) = wire::send_disconnect(&mut self.client, &reason).await {
             debug!("could not tell the client: {e}");

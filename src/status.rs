@@ -1,12 +1,13 @@
 //! Status: what `ssh-on-demand status` shows an operator of every VM the store knows, read without changing
 //! anything while connections go on in other processes (or on other hosts).
 
-use std::{fmt::Write, time::Duration};
+use std::{fmt::Write, net::IpAddr, time::Duration};
 
 use serde::Serialize;
 
 use crate::{
     config::Config,
+    guard::SourceRecord,
     vm::{
         lifecycle::rules,
         state::{Call, Holder, Millis, Phase, Shown},
@@ -14,13 +15,47 @@ use crate::{
     },
 };
 
-/// What `status` shows: the store, the hosts sharing it (etcd), and every VM in it.
+/// What `status` shows: the store, the hosts sharing it (etcd), every VM in it, and the client addresses
+/// the guard refuses or watches.
 #[derive(Debug, Serialize)]
 pub struct Report {
     /// The state directory, or `etcd PREFIX`.
     pub store: String,
     pub hosts: Option<Hosts>,
     pub vms: Vec<VmStatus>,
+    pub sources: Vec<SourceStatus>,
+}
+
+/// A client address that is penalized, or has strikes.
+#[derive(Debug, Serialize)]
+pub struct SourceStatus {
+    pub addr: IpAddr,
+    pub penalized_until: Option<Millis>,
+    pub strikes: usize,
+    /// Penalties in a row so far.
+    pub penalties: u32,
+}
+
+/// The addresses worth an operator's look, from the store's records.
+pub async fn sources(store: &Store) -> Result<Vec<SourceStatus>, StoreError> {
+    let now = now_ms();
+    let mut found: Vec<SourceStatus> = store
+        .sources()
+        .await?
+        .into_iter()
+        .filter_map(|(addr, body)| {
+            let record: SourceRecord = serde_json::from_slice(&body).ok()?;
+            let penalized_until = record.penalized_until.filter(|&until| until > now);
+            (penalized_until.is_some() || !record.strikes.is_empty()).then_some(SourceStatus {
+                addr,
+                penalized_until,
+                strikes: record.strikes.len(),
+                penalties: record.penalties,
+            })
+        })
+        .collect();
+    found.sort_by_key(|s| s.addr);
+    Ok(found)
 }
 
 /// The proxy hosts whose leases are alive, and whether this host's is.
@@ -140,6 +175,18 @@ pub fn render(report: &Report) -> String {
     }
     if report.vms.is_empty() {
         let _ = writeln!(out, "No VM has been started through {} yet.", report.store);
+    }
+    for source in &report.sources {
+        let mut line = format!("{}: {} strike(s)", source.addr, source.strikes);
+        if let Some(until) = source.penalized_until {
+            let _ = write!(
+                line,
+                ", refused until {} (penalty {} in a row)",
+                when(until, now),
+                source.penalties
+            );
+        }
+        let _ = writeln!(out, "Client {line}");
     }
     for vm in &report.vms {
         let _ = writeln!(

@@ -28,3 +28,9 @@ pub const MAX_SESSIONS_PER_SOURCE: usize = 64;
 pub const MAX_PENDING_PER_VM: usize = 128;
 /// Daemon: how long live sessions may go on after SIGTERM.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Starts one client address may cause: generous for people, who start a VM a few times a day, and a bound
+/// on what a stranger can run up.
+pub const SOURCE_START_LIMIT: crate::guard::StartLimit = crate::guard::StartLimit {
+    starts: 10,
+    window: Duration::from_secs(10 * 60),
+};

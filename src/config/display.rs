@@ -118,6 +118,18 @@ impl fmt::Display for Profile {
             .map(|net| quoted(&net.to_string()))
             .collect();
         writeln!(f, "vm_networks = [{}]", networks.join(", "))?;
+        let clients: Vec<String> = self
+            .client_networks
+            .iter()
+            .map(|net| quoted(&net.to_string()))
+            .collect();
+        writeln!(f, "client_networks = [{}]", clients.join(", "))?;
+        match self.start_limit {
+            Some(limit) => writeln!(f, "source_start_limit = {}", quoted(&limit.to_string()))?,
+            None => writeln!(f, "source_start_limit = \"none\"")?,
+        }
+        writeln!(f, "penalty_strikes = {}", self.penalty_strikes)?;
+        writeln!(f, "penalty_max = {}", duration(self.penalty_max))?;
         writeln!(
             f,
             "silent_clients = {}",

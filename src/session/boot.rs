@@ -12,7 +12,7 @@ use crate::{
     report::{Refusal, Stats},
     vm::{
         api::{ApiError, Connection, Endpoint, StartRequest, Started},
-        lifecycle::Lease,
+        lifecycle::{How, Lease},
         readiness::{self, Ready, Timeouts},
         targets,
     },
@@ -123,7 +123,8 @@ impl Boot<'_> {
             (None, None) => call().await,
             (None, Some(lease)) => match timeout_at(self.deadline, lease.start(call())).await {
                 Ok(start) => {
-                    stats.shared_start = start.shared;
+                    stats.shared_start = start.how == How::Shared;
+                    stats.woke |= start.how == How::Woke;
                     if let Some(e) = start.store_error {
                         stats.store_error = Some(e.to_string());
                     }

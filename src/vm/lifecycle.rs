@@ -88,6 +88,7 @@ impl Lifecycle {
             running,
             unshared,
             booting: AtomicBool::new(false),
+            woke: AtomicBool::new(false),
             profile: profile.clone(),
         })
     }
@@ -127,12 +128,20 @@ pub struct Lease {
     unshared: Option<StoreError>,
     /// This connection's VM was booting (its own start, or a shared one): its sshd's answer is news.
     booting: AtomicBool,
+    /// This connection made the start call for a VM that did not run (set before the call, so that it
+    /// holds even if the connection leaves during it).
+    woke: AtomicBool,
     profile: Arc<Profile>,
 }
 
 impl Lease {
     pub fn key(&self) -> &VmKey {
         &self.key
+    }
+
+    /// This connection made (or is making) the start call for a VM that did not run.
+    pub fn woke(&self) -> bool {
+        self.woke.load(Ordering::Relaxed)
     }
 
     /// Why the store could not be read when the connection joined, if it could not.
@@ -156,9 +165,9 @@ impl Lease {
     {
         let mut call = Some(call);
         match self.start_in_store(&mut call).await {
-            Ok((result, shared)) => Start {
+            Ok((result, how)) => Start {
                 result,
-                shared,
+                how,
                 store_error: None,
             },
             Err(e) => {
@@ -170,9 +179,10 @@ impl Lease {
                 if let Ok(started) = &result {
                     self.store.unrecorded_start(&self.key, started.addr);
                 }
+                // Unknown whether the VM ran: it counts as woken, as the costlier guess.
                 Start {
                     result,
-                    shared: false,
+                    how: How::Woke,
                     store_error: Some(e),
                 }
             }
@@ -183,7 +193,7 @@ impl Lease {
     async fn start_in_store<F>(
         &self,
         call: &mut Option<F>,
-    ) -> Result<(Result<Started, ApiError>, bool), StoreError>
+    ) -> Result<(Result<Started, ApiError>, How), StoreError>
     where
         F: Future<Output = Result<Started, ApiError>>,
     {
@@ -216,6 +226,7 @@ impl Lease {
                 }
                 Action::CallStart => {
                     let began = Instant::now();
+                    self.woke.store(true, Ordering::Relaxed);
                     let result = call()?.await;
                     let answer = result.as_ref().map(|s| s.addr).map_err(|e| e.to_string());
                     let event = Event::Started {
@@ -228,7 +239,7 @@ impl Lease {
                         warn!("recording the start of {}: {e}", self.key);
                     }
                     self.booting.store(result.is_ok(), Ordering::Relaxed);
-                    return Ok((result, false));
+                    return Ok((result, How::Woke));
                 }
                 Action::Warm(known) => {
                     let result = call()?.await;
@@ -240,7 +251,7 @@ impl Lease {
                     {
                         warn!("recording the VM's new address for {}: {e}", self.key);
                     }
-                    return Ok((result, false));
+                    return Ok((result, How::Warm));
                 }
                 Action::Share(vm) => {
                     self.booting.store(true, Ordering::Relaxed);
@@ -249,17 +260,19 @@ impl Lease {
                             addr: vm,
                             attempts: 0,
                         }),
-                        true,
+                        How::Shared,
                     ));
                 }
-                Action::ShareFailure(detail) => return Ok((Err(ApiError::Shared(detail)), true)),
+                Action::ShareFailure(detail) => {
+                    return Ok((Err(ApiError::Shared(detail)), How::Shared));
+                }
                 Action::Wait => {
                     debug!(vm_key = %self.key, "waiting for the start or stop in progress");
                     self.store.wait(&self.key, &view).await?;
                 }
                 // A login is never told to stop or wait for a time; asked anyway, it asks the API alone.
                 Action::Nothing | Action::CallStop(_) | Action::WaitUntil(_) => {
-                    return Ok((call()?.await, false));
+                    return Ok((call()?.await, How::Warm));
                 }
             }
         }
@@ -328,12 +341,23 @@ impl Lease {
     }
 }
 
-/// A connection's start: the VM's address or why not, whether it was another connection's, and why the
-/// store could not be used if it could not.
+/// A connection's start: the VM's address or why not, how it came, and why the store could not be used if
+/// it could not.
 pub struct Start {
     pub result: Result<Started, ApiError>,
-    pub shared: bool,
+    pub how: How,
     pub store_error: Option<StoreError>,
+}
+
+/// How a connection got its VM's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum How {
+    /// It made the start call for a VM that did not run: it woke the VM.
+    Woke,
+    /// It asked the start API about a VM that runs.
+    Warm,
+    /// It took another connection's start.
+    Shared,
 }
 
 /// How an idle wait ended.

@@ -227,6 +227,14 @@ impl Store {
         }
     }
 
+    /// The record of client address `source`, if it has one.
+    pub async fn source(&self, source: IpAddr) -> Result<Option<Vec<u8>>, StoreError> {
+        match self {
+            Store::Local(local) => Ok(local.source(source)?),
+            Store::Etcd(etcd) => etcd.source(source).await,
+        }
+    }
+
     /// Every client address's record.
     pub async fn sources(&self) -> Result<Vec<(IpAddr, Vec<u8>)>, StoreError> {
         match self {

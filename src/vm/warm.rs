@@ -13,6 +13,9 @@ use jiff::{
 
 use super::state::Millis;
 
+/// How far ahead windows are followed: a week, after which every window has repeated.
+const LOOK_AHEAD: Millis = 7 * 24 * 60 * 60 * 1000;
+
 /// Days a window repeats, in the order Monday to Sunday.
 const DAYS: [(Weekday, &str); 7] = [
     (Weekday::Monday, "Mon"),
@@ -53,14 +56,19 @@ impl Windows {
         self.0.is_empty()
     }
 
-    /// If `now` is inside a window: when that window (or one overlapping it) ends.
+    /// If `now` is inside a window: when that window (or one overlapping it) ends, looking at most a week
+    /// ahead (windows that cover every day would go on forever).
     pub fn covering(&self, now: Millis) -> Option<Millis> {
+        let horizon = now + LOOK_AHEAD;
         let mut end = None;
         let mut at = now;
         // Windows that overlap or abut extend each other.
         while let Some(next) = self.0.iter().filter_map(|w| w.covering(at)).max() {
             if end.is_some_and(|e| next <= e) {
                 break;
+            }
+            if next >= horizon {
+                return Some(horizon);
             }
             end = Some(next);
             at = next;
@@ -281,7 +289,8 @@ mod tests {
         let all_day = windows(&["daily 00:00-24:00 UTC"]);
         assert_eq!(
             all_day.covering(at("UTC", "2026-12-07T23:59")),
-            Some(at("UTC", "2026-12-08T00:00"))
+            Some(at("UTC", "2026-12-14T23:59")),
+            "every day, every hour: kept a week ahead, then looked at again"
         );
         let joined = windows(&["daily 08:00-12:00 UTC", "daily 12:00-14:00 UTC"]);
         assert_eq!(

@@ -94,7 +94,7 @@ async fn a_failed_start_of_a_running_vm_leaves_it_running() {
             })
         })
         .await;
-    assert_eq!((start.result.unwrap().addr, start.shared), (vm, false));
+    assert_eq!((start.result.unwrap().addr, start.how), (vm, How::Woke));
     first.ready(vm).await;
 
     // Past boot_timeout a login asks again rather than share; here it asks while the VM runs.

@@ -292,6 +292,19 @@ impl Etcd {
         )))
     }
 
+    pub async fn source(&self, source: std::net::IpAddr) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = self.key(&format!("sources/{source}"));
+        let found = self
+            .inner
+            .members
+            .call(|mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+        Ok(found.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
     pub async fn sources(&self) -> Result<Vec<(std::net::IpAddr, Vec<u8>)>, StoreError> {
         let found = self.get(&self.key("sources/"), false).await?;
         Ok(found

@@ -191,6 +191,23 @@ impl Local {
         Ok(out)
     }
 
+    /// One source's record, read without the lock (records are replaced whole).
+    pub fn source(&self, source: IpAddr) -> io::Result<Option<Vec<u8>>> {
+        let Some(dir) = self.sources_dir(false)? else {
+            return Ok(None);
+        };
+        match open_regular(&dir.fd, &source.to_string(), OFlags::RDONLY) {
+            Ok(mut file) => {
+                let mut body = Vec::new();
+                (&mut file).take(MAX_SOURCE_RECORD).read_to_end(&mut body)?;
+                Ok(Some(body))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            // Something planted in its place counts as no record; the next write replaces it.
+            Err(_) => Ok(None),
+        }
+    }
+
     /// Every source's record, read without the lock (records are replaced whole).
     pub fn sources(&self) -> io::Result<Vec<(IpAddr, Vec<u8>)>> {
         let Some(dir) = self.sources_dir(false)? else {
