@@ -37,6 +37,11 @@ mod boot;
 
 use boot::Boot;
 
+/// How long a client whose VM runs gets to send its identification before it is taken for one that waits for
+/// the server (ssh-keyscan): SSH clients send theirs right behind the TCP handshake, and a silent client to a
+/// running VM then hears the VM about as soon as a direct connection would.
+const SILENT_WAIT_WHEN_UP: Duration = Duration::from_millis(50);
+
 /// Client bytes buffered while the VM boots. OpenSSH sends ~1.5 KiB before it hears from the server; past this
 /// we stop reading (TCP flow control holds the client) and only lose early notice of a hang-up.
 const MAX_EARLY_CLIENT_BYTES: usize = 64 * 1024;
@@ -262,23 +267,30 @@ impl Connection {
         profile: &Arc<Profile>,
         peer: SocketAddr,
     ) -> (Outcome, Option<Lease>) {
-        let identified = match self
-            .read_client_identification(profile.client_banner_timeout)
-            .await
-        {
+        // A client whose VM runs starts nothing: it need not be told apart from a silent one for long.
+        let running = match profile.silent_clients {
+            SilentClients::Close => None,
+            SilentClients::IfRunning | SilentClients::Start => {
+                ctx.lifecycle.running(profile, peer).await
+            }
+        };
+        let wait = match running {
+            Some(_) => SILENT_WAIT_WHEN_UP.min(profile.client_banner_timeout),
+            None => profile.client_banner_timeout,
+        };
+        let identified = match self.read_client_identification(wait).await {
             Ok(identified) => identified,
             Err(outcome) => return (outcome, None),
         };
         // A client that says nothing is served only if its VM runs, or if the operator said to start it.
-        let known = match (identified, profile.silent_clients) {
-            (Identified::Ssh, _) | (Identified::Silent, SilentClients::Start) => None,
-            (Identified::Silent, SilentClients::IfRunning) => {
-                match ctx.lifecycle.running(profile, peer).await {
-                    Some(vm) => Some(vm),
-                    None => return (self.silent(profile, "and its VM is not running"), None),
-                }
+        let known = match (identified, profile.silent_clients, running) {
+            (Identified::Ssh, ..) => None,
+            (Identified::Silent, _, Some(vm)) => Some(vm),
+            (Identified::Silent, SilentClients::Start, None) => None,
+            (Identified::Silent, SilentClients::IfRunning, None) => {
+                return (self.silent(profile, "and its VM is not running"), None);
             }
-            (Identified::Silent, SilentClients::Close) => {
+            (Identified::Silent, SilentClients::Close, _) => {
                 return (self.silent(profile, "and is closed"), None);
             }
         };

@@ -18,11 +18,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracing::{Instrument, Level, debug, info_span, warn};
+use tracing::{Level, debug, warn};
 
 use super::{
-    api::{Api, ApiError, Started, StopRequest},
-    state::{self, Action, Event, Holder, Millis, Rules, View},
+    api::{ApiError, Started},
+    state::{self, Action, Event, Holder, Rules, View},
     store::{Registration, SessionInfo, Store, StoreError, VmKey, now_ms},
 };
 use crate::{cli::VmScope, config::Profile};
@@ -360,139 +360,6 @@ pub enum How {
     Shared,
 }
 
-/// How an idle wait ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stopped {
-    Stopped,
-    /// The stop API failed; it is tried again after another idle timeout.
-    Failed,
-    /// A session came, or the VM is not running, or another holds its stop: nothing to stop here.
-    Kept,
-}
-
-/// The wait for a VM's idle timeout, and the stop at its end.
-#[derive(Debug)]
-pub struct IdleWatch {
-    store: Store,
-    key: VmKey,
-    profile: Arc<Profile>,
-    due: Millis,
-    _waiter: Registration,
-}
-
-impl IdleWatch {
-    pub fn key(&self) -> &VmKey {
-        &self.key
-    }
-
-    /// When the VM is to be stopped unless a connection comes (ms since the epoch).
-    pub fn due(&self) -> Millis {
-        self.due
-    }
-
-    /// Waits until the machine says the VM is due, then stops it through `api`, unless a session exists by
-    /// then. Returns once the VM is stopped, kept, or its stop failed; every decision is logged.
-    pub async fn run(self, api: &Api) -> Stopped {
-        let span = info_span!("vm", vm_key = %self.key, profile = %self.profile.label());
-        match self.wait_and_stop(api).instrument(span.clone()).await {
-            Ok(stopped) => stopped,
-            Err(e) => {
-                span.in_scope(|| warn!("idle wait ended: {e}"));
-                Stopped::Failed
-            }
-        }
-    }
-
-    async fn wait_and_stop(mut self, api: &Api) -> Result<Stopped, StoreError> {
-        let rules = rules(&self.profile);
-        let mut deferred = false;
-        loop {
-            tokio::time::sleep(Duration::from_millis(self.due.saturating_sub(now_ms()))).await;
-            if !self.store.may_decide() {
-                if !deferred {
-                    defer(&self.store, &self.key);
-                    deferred = true;
-                }
-                self.due = now_ms() + state::millis(DEFERRED_RETRY);
-                continue;
-            }
-            deferred = false;
-            let claim = self.store.claim(&self.key).await?;
-            let me = holder(&self.store, Some(&claim));
-            let (view, action) = self
-                .store
-                .transact(&self.key, true, |view| {
-                    let step = state::step(view, Event::Tick { me: &me }, now_ms(), &rules);
-                    (step.write, step.action)
-                })
-                .await?;
-            match action {
-                Action::WaitUntil(due) => self.due = due,
-                Action::CallStop(vm) => {
-                    return self.stop(api, &view, vm, &me, &rules).await;
-                }
-                _ => {
-                    let why = match view.sessions {
-                        Some(n) if n > 0 => format!("{n} session(s) open"),
-                        _ => format!("the VM is {}", view.shown()),
-                    };
-                    decision(Level::INFO, &self.key, &view, "keep", &why, Duration::ZERO);
-                    return Ok(Stopped::Kept);
-                }
-            }
-        }
-    }
-
-    /// Calls the stop API as the holder of the VM's stop, and records how it went.
-    async fn stop(
-        &self,
-        api: &Api,
-        view: &View,
-        vm: SocketAddr,
-        me: &Holder,
-        rules: &Rules,
-    ) -> Result<Stopped, StoreError> {
-        let Some(stop) = &self.profile.stop else {
-            return Ok(Stopped::Kept);
-        };
-        let idle = Duration::from_millis(now_ms().saturating_sub(view.record.since));
-        decision(Level::INFO, &self.key, view, "stop", "idle", idle);
-        let request = StopRequest {
-            vm_ip: vm.ip(),
-            port: vm.port(),
-            profile: self.profile.name.as_deref(),
-            client_addr: self.key.client,
-            idle_seconds: idle.as_secs(),
-        };
-        let began = Instant::now();
-        let result = match api.stop(&request, stop.timeout).await {
-            Some(Ok(_)) | None => Ok(()),
-            Some(Err(error)) => Err(error.to_string()),
-        };
-        let event = Event::StopDone {
-            me,
-            result: result.as_ref().map(|_| ()).map_err(String::as_str),
-            ms: began.elapsed().as_millis() as u64,
-        };
-        let (after, ()) = self
-            .store
-            .transact(&self.key, false, |view| {
-                (state::step(view, event, now_ms(), rules).write, ())
-            })
-            .await?;
-        Ok(match result {
-            Ok(()) => {
-                decision(Level::INFO, &self.key, &after, "stopped", "stopped", idle);
-                Stopped::Stopped
-            }
-            Err(detail) => {
-                decision(Level::WARN, &self.key, &after, "stop_failed", &detail, idle);
-                Stopped::Failed
-            }
-        })
-    }
-}
-
 /// Says that a decision about `key` waits for the store (journal record and metric).
 pub(crate) fn defer(store: &Store, key: &VmKey) {
     if let Store::Etcd(etcd) = store {
@@ -543,10 +410,12 @@ fn decision(level: Level, key: &VmKey, view: &View, decision: &str, why: &str, i
     }
 }
 
+mod idle;
 mod sweep;
 #[cfg(test)]
 mod tests;
 mod wake;
 
+pub use idle::{IdleWatch, Stopped};
 pub use sweep::{Due, sweep, sweep_one};
 pub use wake::PreWake;

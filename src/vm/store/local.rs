@@ -27,8 +27,8 @@ use std::{
 
 use rustix::{
     fs::{
-        AtFlags, CWD, Dir, FileType, FlockOperation, Mode, OFlags, flock, fstat, mkdirat, openat,
-        renameat, unlinkat,
+        AtFlags, CWD, Dir, FileType, FlockOperation, Mode, OFlags, RenameFlags, flock, fstat,
+        mkdirat, openat, renameat, renameat_with, unlinkat,
     },
     io::Errno,
 };
@@ -269,11 +269,8 @@ impl Local {
         let fd = match open_dir(&root, &name) {
             Ok(fd) => fd,
             Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
-                make_dir(&root, &name)?;
-                let fd = open_dir(&root, &name)?;
-                make_dir(&fd, "sessions")?;
-                make_dir(&fd, "claims")?;
-                fd
+                make_vm_dir(&root, &name)?;
+                open_dir(&root, &name).map_err(|e| refused(&self.root.join(&name), e))?
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(refused(&self.root.join(&name), e)),
@@ -305,7 +302,19 @@ impl VmDir {
                     (Record::default(), true)
                 }
             },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => (Record::default(), false),
+            // Nothing written yet: new since its directory was made, which a sweep's age counts from.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let made = fstat(&self.fd)?;
+                let since =
+                    (made.st_mtime.max(0) as u64) * 1000 + made.st_mtime_nsec as u64 / 1_000_000;
+                (
+                    Record {
+                        since,
+                        ..Record::default()
+                    },
+                    false,
+                )
+            }
             Err(e) => return Err(e),
         };
         let holder_alive = match record.phase.holder() {
@@ -472,6 +481,33 @@ fn read_record(mut file: File) -> io::Result<Record> {
 fn open_dir(dir: impl AsFd, name: impl rustix::path::Arg) -> io::Result<OwnedFd> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     Ok(openat(dir, name, flags, Mode::empty())?)
+}
+
+/// A VM's directory with its subdirectories, made under a temporary name and renamed into place, so that
+/// nobody (a sweep deciding to forget it, a second connection) ever sees it half made. If another process
+/// made it meanwhile, its directory stays and ours goes.
+fn make_vm_dir(root: &OwnedFd, name: &str) -> io::Result<()> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let partial = format!(
+        ".new.{}.{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    mkdirat(root, partial.as_str(), Mode::from_raw_mode(0o755))?;
+    let fd = open_dir(root, partial.as_str())?;
+    make_dir(&fd, "sessions")?;
+    make_dir(&fd, "claims")?;
+    match renameat_with(root, partial.as_str(), root, name, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(Errno::EXIST) => {
+            for sub in ["sessions", "claims"] {
+                let _ = unlinkat(&fd, sub, AtFlags::REMOVEDIR);
+            }
+            let _ = unlinkat(root, partial.as_str(), AtFlags::REMOVEDIR);
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The state directory itself: the operator's path, symlinks in it included.
