@@ -89,7 +89,7 @@ fn daemon_units_under_real_systemd() {
     let unit = "ssh-on-demand-daemon.service";
     wait_for("the daemon's STATUS=", PATIENCE, || {
         let status = show(&container, unit, "StatusText");
-        status.contains("sessions").then_some(()).ok_or(status)
+        status.contains(" session").then_some(()).ok_or(status)
     });
     watchdog_is_pinged(&container, unit);
     idle_stop_after_the_last_logout(&container, &host);
