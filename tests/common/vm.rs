@@ -48,7 +48,7 @@ impl Vm {
 
     /// On another port than the proxies expect: for the start API's answer to name.
     pub fn with_port(port: u16) -> Vm {
-        // Each VM gets its own address, so tests running in parallel never share a port.
+        // Each VM gets its own address, so tests running in parallel never share one, even on the same port.
         let ip = Ipv4Addr::new(
             127,
             fastrand::u8(100..200),
