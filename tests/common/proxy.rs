@@ -171,6 +171,9 @@ impl ProxyBuilder {
             }
             Mode::Daemon => {
                 command.arg(BINARY).arg("daemon");
+                // The test reads the records on stderr. The daemon inherits our environment, and with it the
+                // INVOCATION_ID of a CI runner that systemd started, which would send them to the journal.
+                command.env("SSH_ON_DEMAND_LOG_TARGET", "stderr");
                 command.envs(self.env.iter().map(|(n, v)| (n.as_str(), v.as_str())));
             }
         }
