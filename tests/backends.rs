@@ -16,10 +16,12 @@ use common::{
     companion::{self, Companion},
     proxy::Proxy,
     ssh::assert_echo,
-    vm::Vm,
+    vm::{self, Vm},
 };
 
-/// The proxy using `api` for starts and stops, one VM per profile, stopping after 1 s idle.
+/// The proxy using `api` for starts and stops, one VM per profile, stopping after 1 s idle. The companion's
+/// profiles name the VMs' port (`port`, which it answers with the address), as they would name a VM's sshd
+/// that is not on 22.
 fn proxy(api: &Companion) -> Proxy {
     Proxy::builder(&api.start_url())
         .args([
@@ -63,9 +65,10 @@ fn command_backend_boots_the_vm_and_stops_it_when_idle() {
     let api = Companion::start(
         &format!(
             "[backends.scripts]\ntype = \"command\"\nstart = [\"{}\", \"{{vm}}\"]\nstop = [\"{}\", \"{{vm}}\"]\n\
-             [profiles.lab]\nbackend = \"scripts\"\nvm = \"dev\"\n",
+             [profiles.lab]\nbackend = \"scripts\"\nvm = \"dev\"\nport = {port}\n",
             start.display(),
-            stop.display()
+            stop.display(),
+            port = vm::port()
         ),
         &[],
     );
@@ -105,8 +108,9 @@ fn ec2_backend_starts_the_instance_and_stops_it_when_idle() {
     let api = Companion::start(
         &format!(
             "[backends.aws]\ntype = \"ec2\"\nregion = \"eu-central-1\"\nendpoint = \"{}\"\n\
-             [profiles.lab]\nbackend = \"aws\"\nvm = \"{id}\"\n",
-            moto.text("endpoint")
+             [profiles.lab]\nbackend = \"aws\"\nvm = \"{id}\"\nport = {port}\n",
+            moto.text("endpoint"),
+            port = vm::port()
         ),
         &[("aws-credentials", &credentials)],
     );
@@ -129,9 +133,10 @@ fn proxmox_backend_starts_the_guest_and_stops_it_when_idle() {
     let api = Companion::start(
         &format!(
             "[backends.pve]\ntype = \"proxmox\"\nurl = \"{}\"\nnode = \"pve1\"\ntoken_id = \"{token_id}\"\n\
-             fingerprint = \"{}\"\n[profiles.lab]\nbackend = \"pve\"\nvm = \"100\"\n",
+             fingerprint = \"{}\"\n[profiles.lab]\nbackend = \"pve\"\nvm = \"100\"\nport = {port}\n",
             pve.text("url"),
-            pve.text("fingerprint")
+            pve.text("fingerprint"),
+            port = vm::port()
         ),
         &[("proxmox-token", secret)],
     );
@@ -180,8 +185,9 @@ fn libvirt_backend_starts_the_domain_and_stops_it_when_idle() {
         &format!(
             "stop_timeout = \"5s\"\n\
              [backends.host]\ntype = \"libvirt\"\nuri = \"test://{}\"\naddress_sources = [\"lease\"]\n\
-             [profiles.lab]\nbackend = \"host\"\nvm = \"dev\"\n",
-            xml.display()
+             [profiles.lab]\nbackend = \"host\"\nvm = \"dev\"\nport = {port}\n",
+            xml.display(),
+            port = vm::port()
         ),
         &[],
     );

@@ -148,7 +148,7 @@ both_modes! {
         assert!(
             seen.contains(&format!(
                 "VM did not answer within 3 s (start API said {}; last try: no TCP answer)",
-                vm.addr().ip()
+                vm.addr()
             )),
             "{seen}"
         );
@@ -225,7 +225,7 @@ both_modes! {
         });
         let proxy = in_namespaces(Proxy::builder_in(mode, &api.url())).start();
         let mut login = Login::open(ssh(proxy.addr, &vm.client_key()));
-        vm.ns.reset_connections(22);
+        vm.ns.reset_connections(vm.addr().port());
         let reset = Instant::now();
         let seen = login.wait_ended(SLACK).expect("ssh still runs after the VM reset its connection");
         assert!(reset.elapsed() < Duration::from_secs(1), "{:?}", reset.elapsed());

@@ -121,7 +121,7 @@ both_modes! {
 
 both_modes! {
     fn plain_text_answer_with_a_port(mode) {
-        let vm = Vm::with_port(2222);
+        let vm = Vm::with_port(common::reserved_port());
         let api = {
             let vm = vm.clone();
             StartApi::serve(move |_| {
@@ -428,7 +428,7 @@ both_modes! {
         assert!(
             seen.contains(&format!(
                 "VM did not answer within 2 s (start API said {}; last try: Connection refused",
-                vm.ip()
+                vm.addr()
             )),
             "{seen}"
         );

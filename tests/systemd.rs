@@ -125,18 +125,22 @@ fn setup() -> Option<(Container, Host)> {
     Some((container, host))
 }
 
-/// What runs on the host: two VMs with their start/stop APIs, and the address the sockets are moved to.
+/// What runs on the host: two VMs with their start/stop APIs, and the address and ports the sockets are
+/// moved to.
 struct Host {
     /// The default profile, "lab": a VM per client address.
     lab: Vm,
     lab_api: StartApi,
     /// Lets the lab's start API answer its first request.
     open_gate: mpsc::Sender<()>,
-    /// The profile "ci" on port 2222: one VM for everyone, booted when the test says.
+    /// The profile "ci" on a port of its own: one VM for everyone, booted when the test says.
     ci: Vm,
     ci_api: StartApi,
     token: String,
     listen: Ipv4Addr,
+    /// The ports of the two profiles, for `ListenStream=` (22 and 2222 in production).
+    lab_port: u16,
+    ci_port: u16,
 }
 
 impl Host {
@@ -174,7 +178,7 @@ impl Host {
                 Answer::json(json!({ "vm_ip": vm.ip().to_string() }))
             })
         };
-        // Its own loopback address, like the VMs: port 22 of 0.0.0.0 would collide with them.
+        // Its own loopback address and ports, like the VMs: port 22 is the host's own sshd's.
         let listen = Ipv4Addr::new(
             127,
             fastrand::u8(200..=254),
@@ -189,20 +193,23 @@ impl Host {
             ci_api,
             token: format!("t0ken-{:016x}", fastrand::u64(..)),
             listen,
+            lab_port: common::reserved_port(),
+            ci_port: common::reserved_port(),
         }
     }
 
     fn lab_addr(&self) -> SocketAddr {
-        (self.listen, 22).into()
+        (self.listen, self.lab_port).into()
     }
 
     fn ci_addr(&self) -> SocketAddr {
-        (self.listen, 2222).into()
+        (self.listen, self.ci_port).into()
     }
 }
 
 /// The operator's part: both profiles in the config file, the token in the credential store, `socket`
-/// moved to the test's address (ports 22 and 2222) with a drop-in, then enabled.
+/// moved to the test's address and ports with a drop-in, then enabled. The VMs listen on the test's VM port,
+/// which `vm_port` names as an operator would for VMs whose sshd is not on 22.
 fn configure(container: &Container, host: &Host, socket: &str, extra: &str) {
     let root = container.root();
     fs::write(
@@ -238,9 +245,10 @@ fn config(host: &Host, extra: &str) -> String {
          profile = \"lab\"\n\
          idle_timeout = \"{idle}s\"\n\
          vm_networks = [\"127.0.0.0/8\"]\n\
+         vm_port = {vm_port}\n\
          {extra}\n\
          [profiles.ci]\n\
-         ports = [2222]\n\
+         ports = [{ci_port}]\n\
          api_url = \"{}\"\n\
          stop_url = \"{}\"\n\
          vm_scope = \"profile\"\n",
@@ -249,6 +257,8 @@ fn config(host: &Host, extra: &str) -> String {
         host.ci_api.url(),
         host.ci_api.stop_url(),
         idle = IDLE.as_secs(),
+        vm_port = common::vm::port(),
+        ci_port = host.ci_port,
     )
 }
 
@@ -303,7 +313,7 @@ fn check_login_summary(container: &Container, host: &Host, client: &str) {
     let body = request.json();
     assert_eq!(body["client_addr"], "127.0.0.1");
     assert_eq!(body["local_addr"], host.listen.to_string());
-    assert_eq!(body["local_port"], 22);
+    assert_eq!(body["local_port"], host.lab_port);
     assert_eq!(body["profile"], "lab");
 
     let summary = newest_record(container, &[&summary_match(), "OUTCOME=relayed"]);
@@ -410,8 +420,10 @@ fn refused_login(container: &Container, host: &Host) {
     let seen = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(255), "{seen}");
     assert!(
-        seen.contains(&format!("Received disconnect from {} port 22", host.listen))
-            && seen.contains("VM failed to start: ")
+        seen.contains(&format!(
+            "Received disconnect from {} port {}",
+            host.listen, host.lab_port
+        )) && seen.contains("VM failed to start: ")
             && seen.contains(REFUSAL),
         "{seen}"
     );

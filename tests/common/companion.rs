@@ -153,7 +153,6 @@ pub fn moto(ip: &str) -> Emulator {
         &["1".as_ref(), ip.as_ref()],
         Stdio::null(),
         "moto",
-        "moto[server]",
     )
 }
 
@@ -171,7 +170,6 @@ pub fn fakepve(ip: &str, token_id: &str, secret: &str) -> (Emulator, TempDir) {
         &[path.as_os_str()],
         Stdio::null(),
         "fakepve",
-        "fakepve[crypto]",
     );
     (pve, dir)
 }

@@ -215,7 +215,8 @@ impl Drop for Netns {
     }
 }
 
-/// An OpenSSH sshd on port 22 of its own namespace: a VM whose network the test controls.
+/// An OpenSSH sshd in a namespace of its own: a VM whose network the test controls. On the VMs' port
+/// ([`vm::port`]) like the others, so that the proxies find it there.
 pub struct NsVm {
     sshd: Child,
     log: Log,
@@ -232,13 +233,13 @@ impl NsVm {
     /// With `config` first in sshd_config (sshd takes the first value of each keyword).
     pub fn start_with(config: &str) -> NsVm {
         let ns = Netns::new();
-        let dir = vm::sshd_dir((ns.ns_ip, 22).into(), config);
+        let dir = vm::sshd_dir((ns.ns_ip, vm::port()).into(), config);
         let (sshd, log) = vm::spawn_sshd(ns.command("/usr/sbin/sshd"), dir.path(), "ns sshd");
         NsVm { sshd, log, dir, ns }
     }
 
     pub fn addr(&self) -> SocketAddr {
-        (self.ns.ns_ip, 22).into()
+        (self.ns.ns_ip, vm::port()).into()
     }
 
     pub fn client_key(&self) -> PathBuf {

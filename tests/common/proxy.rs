@@ -171,6 +171,9 @@ impl ProxyBuilder {
             }
             Mode::Daemon => {
                 command.arg(BINARY).arg("daemon");
+                // The test reads the records on stderr. The daemon inherits our environment, and with it the
+                // INVOCATION_ID of a CI runner that systemd started, which would send them to the journal.
+                command.env("SSH_ON_DEMAND_LOG_TARGET", "stderr");
                 command.envs(self.env.iter().map(|(n, v)| (n.as_str(), v.as_str())));
             }
         }
@@ -229,8 +232,14 @@ impl Proxy {
             mode: Mode::Activated,
             dual_stack: false,
             config: "/dev/null".into(),
-            // The VMs are 127.x.y.z addresses, which ssh-on-demand only connects to when told to.
-            args: vec!["--api-url".into(), api_url.into(), LOOPBACK_VMS.into()],
+            // The VMs are 127.x.y.z addresses, which ssh-on-demand only connects to when told to, and their
+            // sshd is on the test process's VM port, not 22.
+            args: vec![
+                "--api-url".into(),
+                api_url.into(),
+                LOOPBACK_VMS.into(),
+                format!("--vm-port={}", super::vm::port()),
+            ],
             env: vec![("SSH_ON_DEMAND_LOG_LEVEL".into(), "debug".into())],
             handover: Handover::Inetd,
             state_dir: None,

@@ -5,7 +5,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     thread,
     time::Duration,
 };
@@ -33,14 +33,22 @@ struct State {
     sshd: Option<(Child, Log)>,
 }
 
+/// The port of every VM of this test process (each has its own address), and the `--vm-port` of every
+/// proxy it starts: the start APIs need not name it, as a real one need not name 22.
+pub fn port() -> u16 {
+    static PORT: OnceLock<u16> = OnceLock::new();
+    *PORT.get_or_init(super::reserved_port)
+}
+
 impl Vm {
-    /// An sshd on port 22 of a fresh 127.x.y.z address, configured but not started.
+    /// An sshd on [`port`] of a fresh 127.x.y.z address, configured but not started.
     pub fn new() -> Vm {
-        Vm::with_port(22)
+        Vm::with_port(port())
     }
 
+    /// On another port than the proxies expect: for the start API's answer to name.
     pub fn with_port(port: u16) -> Vm {
-        // Each VM gets its own address, so tests running in parallel never share a port.
+        // Each VM gets its own address, so tests running in parallel never share one, even on the same port.
         let ip = Ipv4Addr::new(
             127,
             fastrand::u8(100..200),
@@ -50,10 +58,10 @@ impl Vm {
         Vm::at_port(ip, port)
     }
 
-    /// An sshd on port 22 of `ip`, a loopback address the platform chose (e.g. a DHCP lease), configured but
+    /// An sshd on [`port`] of `ip`, a loopback address the platform chose (e.g. a DHCP lease), configured but
     /// not started.
     pub fn at(ip: Ipv4Addr) -> Vm {
-        Vm::at_port(ip, 22)
+        Vm::at_port(ip, port())
     }
 
     fn at_port(ip: Ipv4Addr, port: u16) -> Vm {

@@ -23,7 +23,6 @@ impl Moto {
             // moto logs every request there.
             Stdio::null(),
             "moto",
-            "moto[server]",
         );
         let instances = server.ready["instances"]
             .as_array()

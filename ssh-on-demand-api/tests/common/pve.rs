@@ -31,7 +31,6 @@ impl Pve {
             &[spec.as_os_str()],
             Stdio::inherit(),
             "fakepve",
-            "fakepve[crypto]",
         );
         Pve {
             url: server.text("url"),
