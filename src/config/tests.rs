@@ -1,3 +1,5 @@
+use std::fs;
+
 use super::*;
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {

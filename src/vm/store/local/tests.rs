@@ -1,7 +1,7 @@
-use std::os::unix::fs::symlink;
+use std::{net::IpAddr, os::unix::fs::symlink};
 
 use super::*;
-use crate::vm::state::{Holder, Phase};
+use crate::vm::state::{Holder, Phase, Record};
 
 fn key(client: Option<&str>) -> VmKey {
     VmKey {
