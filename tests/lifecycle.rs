@@ -7,8 +7,7 @@ mod common;
 
 use std::{
     fs,
-    io::Write,
-    process::{Command, Stdio},
+    process::Command,
     sync::mpsc,
     thread,
     time::{Duration, Instant},
@@ -324,10 +323,10 @@ fn killed_session_process_neither_pins_the_vm_nor_lets_it_stop_under_a_live_sess
     let killed = Instant::now();
     kill(pid);
     victim.wait_closed(PATIENCE);
-    sweep(&proxy); // notes the idle clock from now: the session's end was not recorded
+    proxy.sweep(); // notes the idle clock from now: the session's end was not recorded
     assert_eq!(vm_status(&proxy)["state"], "idle");
     thread::sleep(IDLE); // the time under test
-    sweep(&proxy);
+    proxy.sweep();
     let stops = api.wait_for_requests_to("/stop", 2, PATIENCE);
     assert!(stops[1].at.duration_since(killed) >= IDLE);
     assert_eq!(vm_status(&proxy)["state"], "stopped");
@@ -442,24 +441,6 @@ fn without_a_stop_url_the_vm_stays_up() {
 fn kill(pid: i32) {
     let pid = rustix::process::Pid::from_raw(pid).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
-}
-
-/// `ssh-on-demand sweep`, as ssh-on-demand-sweep.timer runs it.
-fn sweep(proxy: &Proxy) {
-    let output = Command::new(BINARY)
-        .args(["sweep", "--config=/dev/null"])
-        .arg(format!("--state-dir={}", proxy.state_dir.display()))
-        .args(proxy_settings(proxy))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    std::io::stderr().write_all(&output.stderr).unwrap();
-    assert!(output.status.success());
-}
-
-/// The settings the sweep needs to stop the proxy's VMs: the same as the proxy's.
-fn proxy_settings(proxy: &Proxy) -> &[String] {
-    &proxy.args
 }
 
 both_modes! {

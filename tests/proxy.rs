@@ -22,7 +22,7 @@ use common::{
     PATIENCE,
     api::{Answer, StartApi},
     proxy::{Handover, Mode, Proxy},
-    ssh::{assert_echo, run, scp, ssh},
+    ssh::{assert_echo, run, scp, ssh, stderr, stdout},
     tls::HttpsApi,
     vm::Vm,
 };
@@ -31,14 +31,6 @@ use sha2::{Digest, Sha256};
 
 /// How long the test VMs take to "boot" after the start API answered.
 const BOOT_TIME: Duration = Duration::from_millis(300);
-
-fn stdout(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
 
 both_modes! {
     fn login_runs_a_command_with_its_output_and_exit_status(mode) {

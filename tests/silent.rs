@@ -10,20 +10,12 @@ use common::{
     PATIENCE,
     api::StartApi,
     proxy::Proxy,
-    ssh::{assert_echo, run},
+    ssh::{assert_echo, run, stderr, stdout},
     vm::Vm,
 };
 
 /// How long the test VMs take to "boot" after the start API answered.
 const BOOT_TIME: Duration = Duration::from_millis(300);
-
-fn stdout(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
 
 /// `ssh-keyscan` of the proxy (the first thing Ansible and CI do): the VM's host key.
 fn keyscan(proxy: &Proxy) -> std::process::Output {

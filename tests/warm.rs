@@ -4,16 +4,12 @@
 #[macro_use]
 mod common;
 
-use std::{
-    process::{Command, Stdio},
-    thread,
-    time::Duration,
-};
+use std::{thread, time::Duration};
 
 use common::{
     PATIENCE,
     api::StartApi,
-    proxy::{BINARY, Mode, Proxy, ProxyBuilder},
+    proxy::{Mode, Proxy, ProxyBuilder},
     ssh::assert_echo,
     vm::Vm,
 };
@@ -82,31 +78,15 @@ fn pre_wake_starts_the_vm_ahead_of_the_first_login() {
             "--vm-scope=profile".to_owned(),
         ])
         .start();
-    sweep(&proxy);
+    proxy.sweep();
     let start = &api.wait_for_requests_to("/start", 1, PATIENCE)[0];
     let body = start.json();
     assert_eq!(body["reason"], "pre_wake", "{body}");
     assert!(body.get("client_addr").is_none(), "{body}");
-    sweep(&proxy);
+    proxy.sweep();
     assert_eq!(api.requests_to("/start").len(), 1, "once per window");
     assert_eq!(vm_status(&proxy)["state"], "idle");
 
     assert_echo(proxy.addr, &vm.client_key(), "warm");
     assert_eq!(vm.connections(), 1);
-}
-
-/// `ssh-on-demand sweep`, as ssh-on-demand-sweep.timer runs it, with the proxy's settings.
-fn sweep(proxy: &Proxy) {
-    let output = Command::new(BINARY)
-        .args(["sweep", "--config=/dev/null"])
-        .arg(format!("--state-dir={}", proxy.state_dir.display()))
-        .args(&proxy.args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
 }

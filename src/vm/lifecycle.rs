@@ -376,6 +376,24 @@ pub(crate) fn defer(store: &Store, key: &VmKey) {
     );
 }
 
+/// Steps `key`'s machine with a tick as the holder of a new claim, which the caller keeps if the machine made
+/// it the holder of a start or stop: what the idle wait and the start ahead of logins both begin with.
+async fn tick_holding(
+    store: &Store,
+    key: &VmKey,
+    rules: &Rules,
+) -> Result<(Registration, Holder, View, Action), StoreError> {
+    let claim = store.claim(key).await?;
+    let me = holder(store, Some(&claim));
+    let (view, action) = store
+        .transact(key, true, |view| {
+            let step = state::step(view, Event::Tick { me: &me }, now_ms(), rules);
+            (step.write, step.action)
+        })
+        .await?;
+    Ok((claim, me, view, action))
+}
+
 /// This process as the holder of a call, by its registration (none yet: a placeholder that holds nothing).
 fn holder(store: &Store, claim: Option<&Registration>) -> Holder {
     Holder {

@@ -285,6 +285,22 @@ impl Proxy {
         status_with(&self.state_dir, &self.args)
     }
 
+    /// `ssh-on-demand sweep` with this proxy's settings, as ssh-on-demand-sweep.timer runs it.
+    pub fn sweep(&self) {
+        let output = Command::new(BINARY)
+            .args(["sweep", "--config=/dev/null"])
+            .arg(format!("--state-dir={}", self.state_dir.display()))
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
     /// Sends `signal` to the daemon (or to systemd-socket-activate).
     pub fn signal(&self, signal: Signal) {
         rustix::process::kill_process(Pid::from_child(&self.child), signal).unwrap();

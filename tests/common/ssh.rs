@@ -146,3 +146,13 @@ pub fn run(command: &mut Command, limit: Duration) -> Output {
     );
     output
 }
+
+/// What a finished command printed on stdout, as text.
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// What a finished command printed on stderr, as text.
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}

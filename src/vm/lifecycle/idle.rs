@@ -9,7 +9,7 @@ use std::{
 
 use tracing::{Instrument, Level, info_span, warn};
 
-use super::{DEFERRED_RETRY, decision, defer, holder, rules};
+use super::{DEFERRED_RETRY, decision, defer, rules, tick_holding};
 use crate::{
     config::Profile,
     vm::{
@@ -76,15 +76,7 @@ impl IdleWatch {
                 continue;
             }
             deferred = false;
-            let claim = self.store.claim(&self.key).await?;
-            let me = holder(&self.store, Some(&claim));
-            let (view, action) = self
-                .store
-                .transact(&self.key, true, |view| {
-                    let step = state::step(view, Event::Tick { me: &me }, now_ms(), &rules);
-                    (step.write, step.action)
-                })
-                .await?;
+            let (_claim, me, view, action) = tick_holding(&self.store, &self.key, &rules).await?;
             match action {
                 Action::WaitUntil(due) => self.due = due,
                 Action::CallStop(vm) => {

@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Instant};
 
 use tracing::{Instrument, Level, info_span, warn};
 
-use super::{decision, holder, rules};
+use super::{decision, rules, tick_holding};
 use crate::{
     config::Profile,
     vm::{
@@ -39,15 +39,7 @@ impl PreWake {
 
     async fn start(&self, api: &Api) -> Result<(), StoreError> {
         let rules = rules(&self.profile);
-        let claim = self.store.claim(&self.key).await?;
-        let me = holder(&self.store, Some(&claim));
-        let (view, action) = self
-            .store
-            .transact(&self.key, true, |view| {
-                let step = state::step(view, Event::Tick { me: &me }, now_ms(), &rules);
-                (step.write, step.action)
-            })
-            .await?;
+        let (_claim, me, view, action) = tick_holding(&self.store, &self.key, &rules).await?;
         if action != Action::CallStart {
             return Ok(());
         }

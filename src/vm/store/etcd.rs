@@ -20,7 +20,7 @@ use std::{
     },
 };
 
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -223,23 +223,7 @@ impl Etcd {
                 // Only the record: a session registering this very moment keeps its key.
                 Write::Forget => TxnOp::delete(record_key.clone(), None),
             };
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    record_key.clone(),
-                    CompareOp::Equal,
-                    seen,
-                )])
-                .and_then([then]);
-            let response = self
-                .inner
-                .members
-                .call(|mut c| {
-                    let txn = txn.clone();
-                    async move { c.txn(txn).await }
-                })
-                .await
-                .inspect_err(|e| self.error(e))?;
-            if response.succeeded() {
+            if self.commit(&record_key, seen, then).await? {
                 return Ok((view, out));
             }
         }
@@ -315,6 +299,37 @@ impl Etcd {
     pub async fn hosts(&self) -> Result<Vec<String>, StoreError> {
         let found = self.get(&self.key("hosts/"), true).await?;
         Ok(found.into_iter().map(|(host, _)| host).collect())
+    }
+
+    /// `key`, if it exists.
+    async fn get_one(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let found = self
+            .inner
+            .members
+            .call(|mut c| {
+                let key = key.to_owned();
+                async move { c.get(key, None).await }
+            })
+            .await
+            .inspect_err(|e| self.error(e))?;
+        Ok(found.kvs().first().cloned())
+    }
+
+    /// Does `then` if `key` is still at revision `seen` (0: absent): whether it was done.
+    async fn commit(&self, key: &str, seen: i64, then: TxnOp) -> Result<bool, StoreError> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, seen)])
+            .and_then([then]);
+        let response = self
+            .inner
+            .members
+            .call(|mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await
+            .inspect_err(|e| self.error(e))?;
+        Ok(response.succeeded())
     }
 
     /// Keys under `prefix` (without it), with their values unless `keys_only`.

@@ -151,15 +151,22 @@ impl Local {
         Ok(sessions)
     }
 
-    /// The VM's directory, made (with its subdirectories) if `create`; `None` if it does not exist.
-    fn dir(&self, vm: &VmKey, create: bool) -> io::Result<Option<VmDir>> {
-        let root = match open_root(&self.root) {
+    /// The state directory, made if `create`; `None` if it does not exist.
+    fn open(&self, create: bool) -> io::Result<Option<OwnedFd>> {
+        match open_root(&self.root) {
             Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
                 std::fs::create_dir_all(&self.root)?;
-                open_root(&self.root)?
+                open_root(&self.root).map(Some)
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            other => other?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            other => other.map(Some),
+        }
+    }
+
+    /// The VM's directory, made (with its subdirectories) if `create`; `None` if it does not exist.
+    fn dir(&self, vm: &VmKey, create: bool) -> io::Result<Option<VmDir>> {
+        let Some(root) = self.open(create)? else {
+            return Ok(None);
         };
         let name = vm.name();
         let fd = match open_dir(&root, &name) {

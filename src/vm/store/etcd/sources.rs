@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use etcd_client::TxnOp;
 
 use super::{Etcd, MAX_ATTEMPTS};
 use crate::vm::store::StoreError;
@@ -16,36 +16,15 @@ impl Etcd {
     ) -> Result<T, StoreError> {
         let key = self.key(&format!("sources/{source}"));
         for _ in 0..MAX_ATTEMPTS {
-            let found = self
-                .inner
-                .members
-                .call(|mut c| {
-                    let key = key.clone();
-                    async move { c.get(key, None).await }
-                })
-                .await
-                .inspect_err(|e| self.error(e))?;
-            let current = found.kvs().first();
-            let seen = current.map_or(0, |kv| kv.mod_revision());
-            let (next, out) = decide(current.map(|kv| kv.value()));
+            let current = self.get_one(&key).await?;
+            let seen = current.as_ref().map_or(0, |kv| kv.mod_revision());
+            let (next, out) = decide(current.as_ref().map(|kv| kv.value()));
             let then = match next {
                 Some(body) => TxnOp::put(key.clone(), body, None),
                 None if current.is_none() => return Ok(out),
                 None => TxnOp::delete(key.clone(), None),
             };
-            let txn = Txn::new()
-                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, seen)])
-                .and_then([then]);
-            let response = self
-                .inner
-                .members
-                .call(|mut c| {
-                    let txn = txn.clone();
-                    async move { c.txn(txn).await }
-                })
-                .await
-                .inspect_err(|e| self.error(e))?;
-            if response.succeeded() {
+            if self.commit(&key, seen, then).await? {
                 return Ok(out);
             }
         }
@@ -56,15 +35,7 @@ impl Etcd {
 
     pub async fn source(&self, source: IpAddr) -> Result<Option<Vec<u8>>, StoreError> {
         let key = self.key(&format!("sources/{source}"));
-        let found = self
-            .inner
-            .members
-            .call(|mut c| {
-                let key = key.clone();
-                async move { c.get(key, None).await }
-            })
-            .await?;
-        Ok(found.kvs().first().map(|kv| kv.value().to_vec()))
+        Ok(self.get_one(&key).await?.map(|kv| kv.value().to_vec()))
     }
 
     pub async fn sources(&self) -> Result<Vec<(IpAddr, Vec<u8>)>, StoreError> {

@@ -11,7 +11,7 @@ use rustix::fs::{AtFlags, FlockOperation, OFlags, renameat, unlinkat};
 
 use super::{
     Local, MAX_SOURCE_RECORD, SOURCES, VmDir, entries, lock_blocking, make_dir, not_found,
-    open_dir, open_regular, open_root, refused,
+    open_dir, open_regular, refused,
 };
 
 impl Local {
@@ -97,13 +97,8 @@ impl Local {
 
     /// `.sources`, the records of client addresses (a name no VM can have).
     fn sources_dir(&self, create: bool) -> io::Result<Option<VmDir>> {
-        let root = match open_root(&self.root) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
-                std::fs::create_dir_all(&self.root)?;
-                open_root(&self.root)?
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            other => other?,
+        let Some(root) = self.open(create)? else {
+            return Ok(None);
         };
         let path = self.root.join(SOURCES);
         let fd = match open_dir(&root, SOURCES) {
