@@ -156,6 +156,10 @@ impl fmt::Display for Profile {
 
 impl fmt::Display for EtcdConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "# the daemon only (ssh-on-demand-daemon.socket): per-connection instances refuse connections with it"
+        )?;
         writeln!(f, "state_store = \"etcd\"")?;
         let endpoints: Vec<String> = self.endpoints.iter().map(|e| quoted(e)).collect();
         writeln!(f, "etcd_endpoints = [{}]", endpoints.join(", "))?;

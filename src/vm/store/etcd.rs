@@ -237,7 +237,8 @@ impl Etcd {
         Ok((seen != 0 || view.sessions.unwrap_or(0) > 0).then_some(view))
     }
 
-    /// Waits for any change under the VM's keys after what `seen` was read at.
+    /// Waits for a change of the VM's record or calls after what `seen` was read at. Sessions that come and
+    /// go (a burst registering) change nothing a waiter waits for.
     pub async fn wait(&self, vm: &VmKey, seen: &View) -> Result<(), StoreError> {
         let key = self.vm_key(vm, "");
         let options = WatchOptions::new()
@@ -251,9 +252,19 @@ impl Etcd {
                 async move { c.watch(key, Some(options)).await }
             })
             .await?;
+        let sessions = format!("{key}sessions/");
         loop {
             match stream.message().await {
-                Ok(Some(response)) if response.events().is_empty() && !response.canceled() => {}
+                Ok(Some(response)) if !response.canceled() => {
+                    let news = response.events().iter().any(|event| {
+                        event
+                            .kv()
+                            .is_some_and(|kv| !kv.key().starts_with(sessions.as_bytes()))
+                    });
+                    if news {
+                        return Ok(());
+                    }
+                }
                 Ok(_) => return Ok(()),
                 Err(e) => return Err(StoreError::Etcd(e.to_string())),
             }
