@@ -345,3 +345,94 @@ fn check_config_reaches_the_cluster_and_checks_the_idle_timeout() {
         String::from_utf8_lossy(&down.stderr)
     );
 }
+
+/// TLS to the cluster, with a client certificate: check-config reaches it with the CA, certificate and key,
+/// and not without the certificate; a daemon's logins share the store through it.
+#[test]
+fn etcd_over_tls_with_a_client_certificate() {
+    let cluster = Cluster::start_tls();
+    let tls = cluster.tls().args();
+    let check = |extra: &[String]| {
+        std::process::Command::new(BINARY)
+            .args([
+                "check-config",
+                "--config=/dev/null",
+                "--api-url=http://127.0.0.1:9/start",
+            ])
+            .args(["--state-store=etcd", "--host-id=a"])
+            .args(cluster.endpoint_args())
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ok = check(&tls);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let without_cert = check(&tls[..1]);
+    assert!(
+        !without_cert.status.success(),
+        "the cluster took a client without a certificate"
+    );
+
+    let vm = Vm::new();
+    let api = StartApi::lab(&vm, BOOT_TIME);
+    let proxy = host(&cluster, &api, "a").args(tls).start();
+    assert_echo(proxy.addr, &vm.client_key(), "over-tls");
+    assert_eq!(vm_status(&proxy)["starts"], 1);
+}
+
+/// An etcd user, its password from a file: check-config and the daemon authenticate; a wrong password is
+/// refused by check-config with etcd's reason.
+#[test]
+fn etcd_user_and_password() {
+    let cluster = Cluster::start(1);
+    cluster.add_user("proxy", "s3cret");
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("etcd-password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "guess\n").unwrap();
+    let user = |file: &std::path::Path| {
+        vec![
+            "--etcd-user=proxy".to_owned(),
+            format!("--etcd-password-file={}", file.display()),
+        ]
+    };
+    let check = |extra: Vec<String>| {
+        std::process::Command::new(BINARY)
+            .args([
+                "check-config",
+                "--config=/dev/null",
+                "--api-url=http://127.0.0.1:9/start",
+            ])
+            .args(["--state-store=etcd", "--host-id=a"])
+            .args(cluster.endpoint_args())
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ok = check(user(&password));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).contains("# password: ***"),
+        "the password is masked"
+    );
+    let refused = check(user(&wrong));
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("authentication failed"), "{said}");
+    assert!(!said.contains("guess"), "{said}");
+
+    let vm = Vm::new();
+    let api = StartApi::lab(&vm, BOOT_TIME);
+    let proxy = host(&cluster, &api, "a").args(user(&password)).start();
+    assert_echo(proxy.addr, &vm.client_key(), "as-a-user");
+    assert_eq!(vm_status(&proxy)["starts"], 1);
+}
