@@ -507,11 +507,11 @@ async fn suspend(
     stop_timeout: Duration,
     answer: &mut Answer,
 ) -> Result<(), Failure> {
-    let done = match mode {
-        StopMode::Hibernate => "hibernated",
-        _ => "suspended",
+    let (doing, done) = match mode {
+        StopMode::Hibernate => ("hibernating", "hibernated"),
+        _ => ("suspending", "suspended"),
     };
-    tracing::info!(BACKEND = backend_name, VM = vm, "stop: {done} next");
+    tracing::info!(BACKEND = backend_name, VM = vm, "stop: {doing}");
     if backend.suspend_takes_long() {
         reply(answer, Ok(Stopped::Suspending));
     }

@@ -144,7 +144,7 @@ fn suspend_is_a_managed_save_that_the_next_start_restores_at_a_new_address() {
     let after = resumed.vm_ip();
     assert!(after.starts_with(&format!("{net}.")), "{after}");
     assert_ne!(after, before, "the address was not looked up again");
-    assert_eq!(api.count("vms: resuming"), 1);
+    api.log.wait_for(PATIENCE, |l| l.contains("vms: resuming"));
     assert_eq!(api.count("vms: starting"), 1);
 
     // A paused domain keeps its state in the host's memory: a start continues it.

@@ -166,10 +166,8 @@ fn suspend_to_ram_and_to_disk_then_resume() {
     assert_eq!(api.stop_vm("ram", &ram).stop_status(), (200, "suspended"));
     let resumed = api.start_vm("ram");
     assert_eq!((resumed.vm_ip(), resumed.how()), (ram.as_str(), "resumed"));
-    assert_eq!(
-        (pve.actions("resume", 104), pve.actions("start", 104)),
-        (1, 0)
-    );
+    pve.wait_for_action("resume", 104);
+    assert_eq!(pve.actions("start", 104), 0);
 
     // To disk: todisk=1 stops the VM locked "suspended"; a start restores it.
     let disk = format!("{net}.15");
@@ -183,10 +181,8 @@ fn suspend_to_ram_and_to_disk_then_resume() {
     assert_eq!(api.stop_vm("disk", &disk).stop_status(), (200, "suspended"));
     let resumed = api.start_vm("disk");
     assert_eq!((resumed.vm_ip(), resumed.how()), (disk.as_str(), "resumed"));
-    assert_eq!(
-        (pve.actions("start", 105), pve.actions("resume", 105)),
-        (1, 0)
-    );
+    pve.wait_for_action("start", 105);
+    assert_eq!(pve.actions("resume", 105), 0);
     assert_eq!(api.start_vm("disk").how(), "running");
 }
 
@@ -206,5 +202,5 @@ fn a_failed_restore_is_reported_in_proxmox_words() {
             "resuming 106: unable to restore VM 106 - QEMU exited with code 1"
         )
     );
-    assert_eq!(pve.actions("start", 106), 1);
+    pve.wait_for_action("start", 106);
 }
