@@ -466,7 +466,7 @@ class Bench:
             for peer in self.peers:
                 if peer.failed:
                     self.result(peer)["failed"] = peer.failed
-        for name in ("raw", "readiness", "storm"):
+        for name in ("raw", "readiness", "storm", "resume"):
             if name in only:
                 self.results[name] = getattr(scenarios, name if name != "raw" else "raw_relay")(self)
         self.results["config"] = {
@@ -476,6 +476,7 @@ class Bench:
             "raw_mib": self.args.raw_mib, "raw_reps": self.args.raw_reps,
             "readiness_runs": self.args.readiness_runs,
             "storm_clients": self.args.storm_clients, "daemon": self.args.daemon,
+            "resume_runs": self.args.resume_runs, "companion": self.args.companion,
         }
         self.results["environment"] = environment(self.args)
         self.results["duration_s"] = time.perf_counter() - started
@@ -734,17 +735,23 @@ def main():
     parser.add_argument("--storm-boot-s", type=float, default=3.0)
     parser.add_argument("--idle-sessions", type=int, default=200,
                         help="idle sessions held at once to measure a one-process relay's memory (default 200)")
-    parser.add_argument("--only", default=os.environ.get("BENCH_ONLY", "ssh,raw,readiness,storm"),
-                        help="comma-separated scenarios to run: ssh,raw,readiness,storm (env BENCH_ONLY)")
+    parser.add_argument("--resume-runs", type=int, default=env_default("BENCH_RESUME_RUNS", 3),
+                        help="cold boots and resumes of the real VM (env BENCH_RESUME_RUNS, default 3)")
+    parser.add_argument("--companion", default=os.environ.get("BENCH_COMPANION", os.path.join(
+                        REPO, "target", "release", "ssh-on-demand-api")),
+                        help="the companion start/stop API, for the resume scenario (env BENCH_COMPANION)")
+    parser.add_argument("--only", default=os.environ.get("BENCH_ONLY", "ssh,raw,readiness,storm,resume"),
+                        help="comma-separated scenarios to run: ssh,raw,readiness,storm,resume (env BENCH_ONLY)")
     parser.add_argument("--goal-ms", type=float, default=2.0)
     parser.add_argument("--session-timeout", type=float, default=300.0)
     parser.add_argument("--json", default=os.path.join(BENCH, "results", "latest.json"))
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, keys)")
     args = parser.parse_args()
     if not args.vm_ip.startswith("127.") or args.runs < 1 or args.reps < 1 or args.mib < 1 or args.ident_runs < 1 \
-            or args.raw_reps < 1:
+            or args.raw_reps < 1 or args.resume_runs < 1:
         parser.error("--vm-ip must be in 127.0.0.0/8 and the counts positive")
     args.binary = os.path.abspath(args.binary)
+    args.companion = os.path.abspath(args.companion)
     # The daemon mode joins the comparison once the binary has it.
     help_text = subprocess.run([args.binary, "--help"], capture_output=True, text=True).stdout
     args.daemon = any(line.split()[:1] == ["daemon"] for line in help_text.splitlines())

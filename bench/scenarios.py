@@ -1,11 +1,12 @@
 """The scenarios without ssh in the path: the relay at line rate, a VM that boots while the client waits,
-and a storm of clients during one boot. See bench/README.md.
+a storm of clients during one boot, and a real VM's cold boot against its resume. See bench/README.md.
 
 Each "VM" here is a loopback address with a tiny server on port 22 that sends an SSH identification
 line at once (peers/rawpeer.py for bulk transfers, peers/stormpeer.py for the storm, a thread of this
 process for readiness),
 so that what is measured is the relays and the proxies, not sshd's own start-up per connection.
 """
+import http.client
 import http.server
 import json
 import os
@@ -18,8 +19,8 @@ import threading
 import time
 
 from benchlib import (
-    BENCH, PYTHON, WITH_LISTEN_FD, GiB, MiB, BenchError, Peer, children, listening_socket, log, ratio, summary,
-    wait_pid_gone, cpu_seconds, memory_kib,
+    BENCH, DAEMON_ENV, PYTHON, REPO, WITH_LISTEN_FD, GiB, MiB, BenchError, Peer, children, drain, free_port,
+    listening_socket, log, ratio, summary, tail, wait_pid_gone, cpu_seconds, memory_kib,
 )
 
 RAW_VM = "127.0.0.78"
@@ -443,6 +444,163 @@ def storm(bench):
     return {"clients": args.storm_clients, "boot_s": args.storm_boot_s, "peers": out}
 
 
+# ---------------------------------------------------------------- a real VM: cold boot against resume
+
+GUEST = os.path.join(REPO, "tests", "guest")
+RESUME_GOAL = 0.25  # issue 18: a resume at most a quarter of a cold boot
+
+
+def resume(bench):
+    """A real VM (tests/guest: a Debian kernel, busybox and dropbear, under QEMU with TCG) through the
+    companion's command backend (tests/guest/qemu-vm): from the start call to the VM's SSH identification line
+    on a cold boot, and on a resume from the state a stop saved (QEMU's migration to a file)."""
+    args = bench.args
+    vm_dir = bench.path("resume-vm")
+    os.makedirs(vm_dir)
+    port = free_port()
+    kernel = prepare_guest(bench, vm_dir)
+    with open(os.path.join(vm_dir, "vm.json"), "w") as f:
+        json.dump({"kernel": kernel, "initrd": os.path.join(vm_dir, "initrd"), "port": port, "memory_mib": 128}, f)
+    api = Companion(bench, vm_dir, port)
+    cold, warm, suspends, state_mib = [], [], [], []
+    try:
+        for run in range(args.resume_runs):
+            cold.append(start_to_banner(api, port, "booted"))
+            stop_began = time.perf_counter()
+            api.suspend()
+            suspends.append((time.perf_counter() - stop_began) * 1000)
+            state_mib.append(os.path.getsize(os.path.join(vm_dir, "state")) / MiB)
+            warm.append(start_to_banner(api, port, "resumed"))
+            # Off without a saved state, so that the next run boots cold again.
+            qemu_vm("stop", vm_dir)
+            log(f"resume: run {run + 1}/{args.resume_runs}: cold boot {cold[-1]:.0f} ms, resume {warm[-1]:.0f} ms "
+                f"(suspend {suspends[-1]:.0f} ms, {state_mib[-1]:.0f} MiB saved)")
+    finally:
+        qemu_vm("kill", vm_dir)
+    return {"runs": args.resume_runs, "kernel": os.path.basename(os.path.dirname(kernel)),
+            "cold_ms": summary(cold), "resume_ms": summary(warm), "suspend_ms": summary(suspends),
+            "state_mib": statistics.median(state_mib),
+            "ratio": statistics.median(warm) / statistics.median(cold)}
+
+
+def prepare_guest(bench, vm_dir):
+    """tests/guest/build (cached under target/guest), and an initrd that lets the benchmark's client key in;
+    returns the kernel's path."""
+    built = subprocess.run([os.path.join(GUEST, "build"), os.path.join(REPO, "target", "guest")],
+                           capture_output=True, text=True, timeout=900)
+    if built.returncode != 0:
+        raise BenchError(f"tests/guest/build failed: {built.stderr.strip()}")
+    kernel, image = built.stdout.split()
+    keys = bench.path("guest-keys")
+    os.makedirs(os.path.join(keys, "root", ".ssh"))
+    with open(bench.path("client_key.pub")) as key, open(os.path.join(keys, "root/.ssh/authorized_keys"), "w") as out:
+        out.write(key.read())
+    archive = subprocess.run(["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"], cwd=keys, capture_output=True,
+                             input=b"root/.ssh\nroot/.ssh/authorized_keys\n", check=True).stdout
+    # The kernel unpacks concatenated archives in turn: the cached image, then the key.
+    with open(image, "rb") as f, open(os.path.join(vm_dir, "initrd"), "wb") as out:
+        out.write(f.read() + archive)
+    return kernel
+
+
+def qemu_vm(action, vm_dir):
+    done = subprocess.run([os.path.join(GUEST, "qemu-vm"), action, vm_dir], capture_output=True, text=True,
+                          timeout=120)
+    if done.returncode != 0 and action != "kill":
+        raise BenchError(f"qemu-vm {action}: {done.stderr.strip()}")
+
+
+class Companion:
+    """ssh-on-demand-api with the command backend running tests/guest/qemu-vm, stop_mode = "suspend"."""
+
+    def __init__(self, bench, vm_dir, port):
+        self.port, self.token = free_port(), "bench-token"
+        credentials = bench.path("companion-credentials")
+        os.makedirs(credentials)
+        with open(os.path.join(credentials, "api-token"), "w") as f:
+            f.write(self.token + "\n")
+        script = os.path.join(GUEST, "qemu-vm")
+        argv = lambda action: json.dumps([script, action, "{vm}"])  # noqa: E731
+        config = bench.path("companion.toml")
+        with open(config, "w") as f:
+            f.write(f"""stop_timeout = "120s"
+[backends.qemu]
+type = "command"
+timeout = "120s"
+start = {argv("start")}
+resume = {argv("resume")}
+suspend = {argv("suspend")}
+stop = {argv("stop")}
+kill = {argv("kill")}
+[profiles.bench]
+backend = "qemu"
+vm = {json.dumps(vm_dir)}
+port = {port}
+stop_mode = "suspend"
+""")
+        proc = bench.procs.spawn("companion", [bench.args.companion, "--config", config, "--listen",
+                                               f"127.0.0.1:{self.port}", "--log-target", "stderr"],
+                                 env=dict(DAEMON_ENV, CREDENTIALS_DIRECTORY=credentials), stderr=subprocess.PIPE)
+        serving = drain(proc.stderr, bench.path("companion.log"), b"serving")
+        serving.wait(30)
+        if proc.poll() is not None or not serving.is_set():
+            raise BenchError(f"the companion did not start: {tail(bench.path('companion.log'), 5)}")
+        log(f"companion at 127.0.0.1:{self.port} (PID {proc.pid}), its VM's sshd forwarded to 127.0.0.1:{port}")
+
+    def post(self, path, body):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=180)
+        try:
+            conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json",
+                                                          "Authorization": f"Bearer {self.token}"})
+            response = conn.getresponse()
+            answer = json.loads(response.read() or b"{}")
+        finally:
+            conn.close()
+        if response.status >= 300:
+            raise BenchError(f"the companion answered {path} with {response.status}: {answer}")
+        return answer
+
+    def start(self):
+        return self.post("/start", {"profile": "bench", "client_addr": "127.0.0.1"})
+
+    def suspend(self):
+        """Asks for the stop, then asks again: the second stop waits until the first is done, and finds
+        the VM suspended."""
+        self.post("/stop", {"profile": "bench", "vm_ip": "127.0.0.1"})
+        again = self.post("/stop", {"profile": "bench", "vm_ip": "127.0.0.1"})
+        if again.get("status") != "suspended":
+            raise BenchError(f"the VM is not suspended after the stop: {again}")
+
+
+def start_to_banner(api, port, how):
+    """ms from the start call to the VM's SSH- line on its forwarded port."""
+    began = time.perf_counter()
+    answer = api.start()
+    if answer.get("how") != how:
+        raise BenchError(f"the start was to be {how}, the companion answered {answer}")
+    if first_banner(port, began + 180) is None:
+        raise BenchError(f"no SSH identification on 127.0.0.1:{port} within 180 s of the start call")
+    return (time.perf_counter() - began) * 1000
+
+
+def first_banner(port, deadline, patience=1.0):
+    """Waits for an SSH- line from 127.0.0.1:port: one connection at a time, each given `patience` for the line,
+    the next 10 ms after one was refused, reset or given up. QEMU accepts on the port as soon as it runs;
+    while the guest boots, it resets a connection, or the connection's SYN to the guest is lost (before the
+    guest's network is up) and retried on slirp's timer (seconds), which a single connection would wait out.
+    Many connections at once would load the emulated guest being timed. Returns the time, or None."""
+    while time.perf_counter() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=patience) as sock:
+                sock.settimeout(patience)
+                if sock.recv(4).startswith(b"SSH-"):
+                    return time.perf_counter()
+        except OSError:
+            pass
+        time.sleep(0.01)
+    return None
+
+
 # ---------------------------------------------------------------- tables
 
 
@@ -489,6 +647,19 @@ def render(results, add, table):
                 f"ssh-on-demand.")
             add("")
     daemon_targets(results, add)
+    resumed = results.get("resume")
+    if resumed:
+        rows = [[label, f"{r['median']:.0f}", f"{r['min']:.0f}", f"{r['max']:.0f}"]
+                for label, r in (("cold boot", resumed["cold_ms"]), ("resume", resumed["resume_ms"]),
+                                 ("(the suspend)", resumed["suspend_ms"]))]
+        table(f"Resume: a real VM ({resumed['kernel']}, busybox and dropbear, 128 MiB, QEMU with TCG) through "
+              f"the companion's command backend; from the start call to the VM's SSH identification line (ms), "
+              f"{resumed['runs']} runs; the suspend: from the stop call to the state saved and QEMU gone",
+              ["", "median", "min", "max"], rows)
+        met = resumed["ratio"] <= RESUME_GOAL
+        add(f"Goal (issue 18): a resume at most a quarter of a cold boot: {resumed['ratio']:.2f}x, "
+            f"{'MET' if met else 'NOT MET'}. Saved state: {resumed['state_mib']:.0f} MiB.")
+        add("")
     storm_results = results.get("storm")
     if storm_results:
         rows = [[p["label"], p["start_calls"], f"{p['served']}/{storm_results['clients']}",

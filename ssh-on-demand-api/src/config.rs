@@ -74,6 +74,50 @@ pub struct ProfileConfig {
     /// The VM's sshd port, sent to the proxy with the address.
     #[serde(default = "default_port")]
     pub port: u16,
+    /// What a stop does: shut the VM down, or keep its state for the next start to resume.
+    #[serde(default)]
+    pub stop_mode: StopMode,
+    /// When the platform cannot suspend the VM: fail the stop, or shut the VM down instead.
+    #[serde(default)]
+    pub if_suspend_fails: IfSuspendFails,
+    /// When a start cannot resume the VM: fail the start, or discard the saved state and boot.
+    #[serde(default)]
+    pub if_resume_fails: IfResumeFails,
+}
+
+/// What a stop does with the VM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StopMode {
+    /// A graceful shutdown, forced after `stop_timeout`; the next start boots.
+    #[default]
+    Shutdown,
+    /// The VM's state is kept (libvirt's managed save, Proxmox VE's suspend to RAM, a command's); the next
+    /// start resumes it.
+    Suspend,
+    /// The state is kept on disk and the VM's memory given back (Proxmox VE's suspend to disk, EC2's
+    /// hibernation); the next start resumes it.
+    Hibernate,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IfSuspendFails {
+    /// The stop fails with the platform's words; the VM keeps running.
+    #[default]
+    Fail,
+    /// A warning, then the graceful shutdown (and the forced one) as with `stop_mode = "shutdown"`.
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IfResumeFails {
+    /// The start fails with the platform's words; the saved state stays for another try.
+    #[default]
+    Fail,
+    /// A warning, then the saved state is discarded and the VM boots.
+    Boot,
 }
 
 fn default_port() -> u16 {
@@ -171,6 +215,7 @@ impl Config {
             for vm in profile.vms() {
                 backend.check_vm(vm).with_context(context)?;
             }
+            backend.check_stop_mode(profile).with_context(context)?;
         }
         for (name, backend) in &self.backends {
             backend
@@ -203,6 +248,58 @@ impl BackendConfig {
             BackendConfig::Libvirt(c) => c.check(),
             BackendConfig::Proxmox(c) => c.check(),
             BackendConfig::Ec2(c) => c.check(),
+        }
+    }
+
+    /// Whether the platform has the profile's `stop_mode`, and a boot for `if_resume_fails = "boot"`.
+    fn check_stop_mode(&self, profile: &ProfileConfig) -> Result<()> {
+        let (mode, boot) = (
+            profile.stop_mode,
+            profile.if_resume_fails == IfResumeFails::Boot,
+        );
+        match self {
+            BackendConfig::Command(c) => match mode {
+                StopMode::Suspend if c.suspend.is_none() => {
+                    bail!("stop_mode = \"suspend\" needs a suspend command in its backend")
+                }
+                StopMode::Hibernate => bail!(
+                    "the command backend has one suspend command: use stop_mode = \"suspend\""
+                ),
+                _ => Ok(()),
+            },
+            BackendConfig::Libvirt(_) => {
+                ensure!(
+                    mode != StopMode::Hibernate,
+                    "libvirt's managed save keeps the state on disk already: use stop_mode = \"suspend\""
+                );
+                Ok(())
+            }
+            BackendConfig::Proxmox(_) => {
+                if mode != StopMode::Shutdown {
+                    for vm in profile.vms() {
+                        ensure!(
+                            !vm.starts_with("lxc/"),
+                            "{vm}: Proxmox VE suspends QEMU VMs; for containers it is experimental (CRIU): use stop_mode = \"shutdown\""
+                        );
+                    }
+                }
+                ensure!(
+                    !(boot && mode == StopMode::Hibernate),
+                    "Proxmox VE keeps a hibernated VM's state until a start restores it: if_resume_fails = \"boot\" works with stop_mode = \"suspend\" only"
+                );
+                Ok(())
+            }
+            BackendConfig::Ec2(_) => {
+                ensure!(
+                    mode != StopMode::Suspend,
+                    "EC2 has no suspend to memory: use stop_mode = \"hibernate\" (StopInstances with Hibernate=true)"
+                );
+                ensure!(
+                    !boot,
+                    "EC2 resumes a hibernated instance by itself and offers no boot instead: remove if_resume_fails"
+                );
+                Ok(())
+            }
         }
     }
 
@@ -299,6 +396,54 @@ mod tests {
 
         let bad_client = MINIMAL.replace("vm = \"dev\"", "by_client = { \"lab-7\" = \"x\" }");
         assert!(Config::parse(&bad_client).is_err());
+    }
+
+    #[test]
+    fn stop_modes_only_where_the_platform_has_them() {
+        let error = |text: &str| format!("{:#}", Config::parse(text).unwrap_err());
+        let with = |mode: &str| MINIMAL.replace("vm = \"dev\"", &format!("vm = \"dev\"\n{mode}"));
+        assert!(error(&with("stop_mode = \"suspend\"")).contains("needs a suspend command"));
+        let suspend = with("stop_mode = \"suspend\"").replace(
+            "start = [",
+            "suspend = [\"/bin/true\"]\nresume = [\"/bin/echo\", \"127.0.0.1\"]\nstart = [",
+        );
+        let config = Config::parse(&suspend).unwrap();
+        assert_eq!(config.profiles["lab"].stop_mode, StopMode::Suspend);
+        assert_eq!(config.profiles["lab"].if_resume_fails, IfResumeFails::Fail);
+        assert!(error(&with("stop_mode = \"hibernate\"")).contains("one suspend command"));
+        assert!(error(&with("stop_mode = \"sleep\"")).contains("unknown variant `sleep`"));
+
+        let libvirt = "[backends.host]\ntype = \"libvirt\"\n[profiles.lab]\nbackend = \"host\"\nvm = \"dev\"\n";
+        assert!(Config::parse(&format!("{libvirt}stop_mode = \"suspend\"")).is_ok());
+        assert!(
+            error(&format!("{libvirt}stop_mode = \"hibernate\""))
+                .contains("managed save keeps the state on disk")
+        );
+
+        let pve = "[backends.pve]\ntype = \"proxmox\"\nurl = \"https://pve:8006\"\nnode = \"n\"\n\
+                   token_id = \"a@pve!b\"\n[profiles.lab]\nbackend = \"pve\"\n";
+        assert!(Config::parse(&format!("{pve}vm = \"105\"\nstop_mode = \"hibernate\"")).is_ok());
+        assert!(
+            error(&format!("{pve}vm = \"lxc/200\"\nstop_mode = \"suspend\""))
+                .contains("Proxmox VE suspends QEMU VMs")
+        );
+        assert!(
+            error(&format!(
+                "{pve}vm = \"105\"\nstop_mode = \"hibernate\"\nif_resume_fails = \"boot\""
+            ))
+            .contains("works with stop_mode = \"suspend\" only")
+        );
+
+        let ec2 = "[backends.aws]\ntype = \"ec2\"\nregion = \"eu-central-1\"\n\
+                   [profiles.lab]\nbackend = \"aws\"\nvm = \"i-0abc\"\n";
+        assert!(Config::parse(&format!("{ec2}stop_mode = \"hibernate\"")).is_ok());
+        assert!(error(&format!("{ec2}stop_mode = \"suspend\"")).contains("no suspend to memory"));
+        assert!(
+            error(&format!(
+                "{ec2}stop_mode = \"hibernate\"\nif_resume_fails = \"boot\""
+            ))
+            .contains("offers no boot instead")
+        );
     }
 
     #[test]

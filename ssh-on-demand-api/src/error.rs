@@ -52,6 +52,11 @@ impl Failure {
     pub fn is_transient(&self) -> bool {
         matches!(self, Failure::Unavailable(_) | Failure::Timeout(_))
     }
+
+    /// Whether the platform could not be asked at all, so that nothing is known about what it did.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Failure::Unavailable(_))
+    }
 }
 
 impl IntoResponse for Failure {

@@ -21,11 +21,12 @@ use axum::{
     routing::post,
 };
 use http_body_util::LengthLimitError;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use ssh_on_demand_common::secret::Secret;
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::{
+    backend::How,
     config::Listen,
     vms::{Stopped, Vms},
 };
@@ -41,6 +42,18 @@ struct StartRequest {
     client_addr: Option<IpAddr>,
     client_port: Option<u16>,
     profile: Option<String>,
+}
+
+/// The answer to `/start`: where to connect (all the proxy reads), and how the start went: `how` is
+/// `running`, `booted`, `resumed` or `started` (a start command that did not say), `ms` how long the
+/// platform took to boot or resume the VM up to its address.
+#[derive(Debug, Serialize)]
+struct StartAnswer {
+    vm_ip: IpAddr,
+    port: u16,
+    how: How,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ms: Option<u64>,
 }
 
 /// What the proxy sends to `/stop`.
@@ -116,9 +129,14 @@ async fn start(State(app): State<Arc<App>>, body: Bytes) -> Response {
     );
     match app.vms.start(profile, request.client_addr).await {
         Ok(started) => {
-            tracing::info!(PROFILE = profile, CLIENT_ADDR = client, VM_IP = %started.ip, "start answered");
-            Json(serde_json::json!({ "vm_ip": started.ip.to_string(), "port": started.port }))
-                .into_response()
+            tracing::info!(PROFILE = profile, CLIENT_ADDR = client, VM_IP = %started.ip, HOW = started.how.as_str(), "start answered");
+            Json(StartAnswer {
+                vm_ip: started.ip,
+                port: started.port,
+                how: started.how,
+                ms: started.ms,
+            })
+            .into_response()
         }
         Err(why) => {
             tracing::warn!(PROFILE = profile, CLIENT_ADDR = client, status = %why.status(), "start refused: {why}");
@@ -145,14 +163,15 @@ async fn stop(State(app): State<Arc<App>>, body: Bytes) -> Response {
         .stop(profile, request.client_addr, request.vm_ip)
         .await
     {
-        Ok(Stopped::AlreadyOff) => {
-            (StatusCode::OK, Json(serde_json::json!({ "status": "off" }))).into_response()
+        Ok(stopped) => {
+            let (status, word) = match stopped {
+                Stopped::AlreadyOff => (StatusCode::OK, "off"),
+                Stopped::AlreadySuspended => (StatusCode::OK, "suspended"),
+                Stopped::Stopping => (StatusCode::ACCEPTED, "stopping"),
+                Stopped::Suspending => (StatusCode::ACCEPTED, "suspending"),
+            };
+            (status, Json(serde_json::json!({ "status": word }))).into_response()
         }
-        Ok(Stopped::Stopping) => (
-            StatusCode::ACCEPTED,
-            Json(serde_json::json!({ "status": "stopping" })),
-        )
-            .into_response(),
         Err(why) => {
             tracing::warn!(PROFILE = profile, VM_IP = vm_ip, status = %why.status(), "stop refused: {why}");
             why.into_response()

@@ -1,6 +1,7 @@
 //! The VMs behind the profiles: which VM a request means, one platform start however many requests ask at
 //! once, the address within `address_timeout`, and stops that are graceful first and forced after
-//! `stop_timeout`. Every decision is logged.
+//! `stop_timeout`, or suspends that a later start resumes. Every decision is logged, and a start says how it
+//! went (`HOW`: running, booted, resumed) and how long the platform took (`BOOT_MS`, `RESUME_MS`).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -17,8 +18,8 @@ use futures_util::{
 use tokio::{sync::oneshot, time::Instant};
 
 use crate::{
-    backend::{Backend, Lookup, Power},
-    config::{Config, DEFAULT_PROFILE},
+    backend::{Backend, Begun, How, Lookup, Power},
+    config::{Config, DEFAULT_PROFILE, IfResumeFails, IfSuspendFails, StopMode},
     error::Failure,
 };
 
@@ -35,6 +36,15 @@ struct Profile {
     vm: Option<String>,
     by_client: BTreeMap<IpAddr, String>,
     port: u16,
+    policy: Policy,
+}
+
+/// A profile's choices for stops and resumes.
+#[derive(Debug, Clone, Copy)]
+struct Policy {
+    stop_mode: StopMode,
+    if_suspend_fails: IfSuspendFails,
+    if_resume_fails: IfResumeFails,
 }
 
 /// One VM's coordination: `busy` is held for a whole start or stop, so the two never interleave.
@@ -45,27 +55,32 @@ struct Slot {
     last_address: Mutex<Option<IpAddr>>,
 }
 
-type SharedStart = Shared<BoxFuture<'static, Result<IpAddr, Failure>>>;
+type SharedStart = Shared<BoxFuture<'static, Result<Outcome, Failure>>>;
 
-/// Where the proxy should connect.
+/// Where the proxy should connect, and how the start went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Started {
     pub ip: IpAddr,
     pub port: u16,
+    pub how: How,
+    pub ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {
     AlreadyOff,
+    AlreadySuspended,
     Stopping,
+    Suspending,
 }
 
-/// What a request names: the backend's name, the backend, the VM.
+/// What a request names: the backend's name, the backend, the VM, and the profile's policy.
 struct Target {
     backend_name: String,
     backend: Arc<Backend>,
     vm: String,
     slot: Arc<Slot>,
+    policy: Policy,
 }
 
 impl Vms {
@@ -84,6 +99,11 @@ impl Vms {
                     vm: p.vm.clone(),
                     by_client: p.by_client.clone(),
                     port: p.port,
+                    policy: Policy {
+                        stop_mode: p.stop_mode,
+                        if_suspend_fails: p.if_suspend_fails,
+                        if_resume_fails: p.if_resume_fails,
+                    },
                 };
                 (name.clone(), profile)
             })
@@ -127,8 +147,8 @@ impl Vms {
                 }
             }
         };
-        let ip = run.await?;
-        Ok(Started { ip, port })
+        let Outcome { ip, how, ms } = run.await?;
+        Ok(Started { ip, port, how, ms })
     }
 
     fn spawn_start(&self, target: &Target) -> SharedStart {
@@ -139,13 +159,26 @@ impl Vms {
         );
         let backend_name = target.backend_name.clone();
         let address_timeout = self.address_timeout;
+        let if_resume_fails = target.policy.if_resume_fails;
         // A task of its own: the start goes on even if the request that began it is abandoned.
         let task = tokio::spawn(async move {
             let _busy = slot.busy.lock().await;
-            let result = start_vm(&backend, &vm, address_timeout).await;
+            let result = start_vm(&backend, &vm, address_timeout, if_resume_fails).await;
             match &result {
-                Ok(ip) => {
-                    tracing::info!(BACKEND = backend_name, VM = vm, %ip, "start answered with the address");
+                Ok(Outcome { ip, how, ms }) => {
+                    let (boot_ms, resume_ms) = match how {
+                        How::Resumed => (None, *ms),
+                        _ => (*ms, None),
+                    };
+                    tracing::info!(
+                        BACKEND = backend_name,
+                        VM = vm,
+                        %ip,
+                        HOW = how.as_str(),
+                        BOOT_MS = boot_ms,
+                        RESUME_MS = resume_ms,
+                        "start answered with the address"
+                    );
                     *slot
                         .last_address
                         .lock()
@@ -166,7 +199,7 @@ impl Vms {
     }
 
     /// Stops the VM the request means: answers once the graceful shutdown was asked for, and forces the VM
-    /// off after `stop_timeout` in the background.
+    /// off after `stop_timeout` in the background; or, as the profile's `stop_mode` says, suspends it.
     pub async fn stop(
         &self,
         profile: Option<&str>,
@@ -183,9 +216,10 @@ impl Vms {
                 backend,
                 vm,
                 slot,
+                policy,
             } = target;
             let _busy = slot.busy.lock().await;
-            stop_vm(&backend, &backend_name, &vm, stop_timeout, answer).await;
+            stop_vm(&backend, &backend_name, &vm, policy, stop_timeout, answer).await;
         });
         answered.await.unwrap_or_else(|_| {
             Err(Failure::Unavailable(
@@ -247,6 +281,7 @@ impl Vms {
             backend,
             vm,
             slot,
+            policy: profile.policy,
         };
         Ok((target, profile.port))
     }
@@ -260,36 +295,90 @@ impl Vms {
     }
 }
 
+/// What a start did: the address, how it found or left the VM, and, when it booted or resumed it, how long
+/// the platform took from the call to the address (the proxy measures the rest, to sshd).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Outcome {
+    ip: IpAddr,
+    how: How,
+    ms: Option<u64>,
+}
+
 async fn start_vm(
     backend: &Backend,
     vm: &str,
     address_timeout: Duration,
-) -> Result<IpAddr, Failure> {
+    if_resume_fails: IfResumeFails,
+) -> Result<Outcome, Failure> {
     let deadline = Instant::now() + address_timeout;
-    let power = backend.power(vm).await?;
+    let mut power = backend.power(vm).await?;
+    if power == Power::Stopping {
+        tracing::info!(VM = vm, "still stopping; starting it once it is down");
+        power = wait_until_down(backend, vm, deadline).await?;
+    }
     match power {
         Power::Running | Power::Starting => {
             tracing::info!(VM = vm, power = %power, "already {power}; asking for its address");
+            let ip = find_address(backend, vm, deadline).await?;
+            Ok(Outcome {
+                ip,
+                how: How::Running,
+                ms: None,
+            })
         }
-        Power::Stopping => {
-            tracing::info!(VM = vm, "still stopping; starting it once it is off");
-            wait_for_off(backend, vm, deadline).await?;
-            return start_and_find(backend, vm, deadline).await;
-        }
-        Power::Off | Power::Unknown | Power::Other(_) => {
-            return start_and_find(backend, vm, deadline).await;
+        Power::Suspended => resume(backend, vm, deadline, if_resume_fails).await,
+        Power::Off | Power::Stopping | Power::Unknown | Power::Other(_) => {
+            tracing::info!(VM = vm, backend = backend.kind(), "starting");
+            let began = Instant::now();
+            let begun = backend.start(vm).await?;
+            finish(backend, vm, deadline, began, begun, How::Booted).await
         }
     }
-    find_address(backend, vm, deadline).await
 }
 
-async fn start_and_find(backend: &Backend, vm: &str, deadline: Instant) -> Result<IpAddr, Failure> {
-    tracing::info!(VM = vm, backend = backend.kind(), "starting");
-    if let Some(ip) = backend.start(vm).await? {
-        return Ok(ip);
+/// Resumes a suspended VM; if that fails and `if_resume_fails = "boot"`, boots it instead. A platform that
+/// cannot be reached gets no boot: it would fail too, and the kept state is worth another try.
+async fn resume(
+    backend: &Backend,
+    vm: &str,
+    deadline: Instant,
+    if_resume_fails: IfResumeFails,
+) -> Result<Outcome, Failure> {
+    tracing::info!(VM = vm, backend = backend.kind(), "resuming");
+    let began = Instant::now();
+    match backend.resume(vm).await {
+        Ok(begun) => finish(backend, vm, deadline, began, begun, How::Resumed).await,
+        Err(why) if if_resume_fails == IfResumeFails::Boot && !why.is_unreachable() => {
+            tracing::warn!(VM = vm, RESUME_ERROR = %why, "resume failed: {why}; discarding the kept state and booting");
+            let began = Instant::now();
+            let begun = backend.boot_instead(vm).await?;
+            finish(backend, vm, deadline, began, begun, How::Booted).await
+        }
+        Err(why) => Err(why),
     }
-    tracing::info!(VM = vm, "started; waiting for its address");
-    find_address(backend, vm, deadline).await
+}
+
+/// After a start or resume call: the address it printed, or the platform's once it names one.
+async fn finish(
+    backend: &Backend,
+    vm: &str,
+    deadline: Instant,
+    began: Instant,
+    begun: Begun,
+    how: How,
+) -> Result<Outcome, Failure> {
+    let ip = match begun.ip {
+        Some(ip) => ip,
+        None => {
+            tracing::info!(VM = vm, "{}; waiting for its address", how.as_str());
+            find_address(backend, vm, deadline).await?
+        }
+    };
+    Ok(Outcome {
+        ip,
+        how: begun.how.unwrap_or(how),
+        ms: Some(millis(began.elapsed())),
+    })
 }
 
 /// Asks for the address until the platform names one: a guest agent or a DHCP lease takes a while.
@@ -315,12 +404,13 @@ async fn find_address(backend: &Backend, vm: &str, deadline: Instant) -> Result<
     }
 }
 
-async fn wait_for_off(backend: &Backend, vm: &str, deadline: Instant) -> Result<(), Failure> {
+/// Waits until the VM is off or suspended, and returns which.
+async fn wait_until_down(backend: &Backend, vm: &str, deadline: Instant) -> Result<Power, Failure> {
     let mut pause = Duration::from_millis(200);
     loop {
         let power = backend.power(vm).await?;
-        if power == Power::Off {
-            return Ok(());
+        if matches!(power, Power::Off | Power::Suspended) {
+            return Ok(power);
         }
         if Instant::now() + pause >= deadline {
             return Err(Failure::Timeout(format!("{vm} is still {power}")));
@@ -330,24 +420,34 @@ async fn wait_for_off(backend: &Backend, vm: &str, deadline: Instant) -> Result<
     }
 }
 
-/// Graceful shutdown, then forced off after `stop_timeout`. `answer` gets the result of the first step.
+type Answer = Option<oneshot::Sender<Result<Stopped, Failure>>>;
+
+/// Tells the proxy, unless it was told already.
+fn reply(answer: &mut Answer, result: Result<Stopped, Failure>) {
+    if let Some(answer) = answer.take() {
+        let _ = answer.send(result);
+    }
+}
+
+/// A stop as the profile's `stop_mode` says: a suspend (with a shutdown instead if it fails and the profile
+/// allows), or a graceful shutdown, forced after `stop_timeout`. `answer` gets the first step's result.
 async fn stop_vm(
     backend: &Backend,
     backend_name: &str,
     vm: &str,
+    policy: Policy,
     stop_timeout: Duration,
     answer: oneshot::Sender<Result<Stopped, Failure>>,
 ) {
-    if !backend.can_stop() {
+    let mut answer = Some(answer);
+    if policy.stop_mode == StopMode::Shutdown && !backend.can_stop() {
         tracing::warn!(
             BACKEND = backend_name,
             VM = vm,
             "stop: refused, no stop or kill command is configured"
         );
-        let _ = answer.send(Err(Failure::Refused(
-            "no stop command is configured".into(),
-        )));
-        return;
+        let why = Failure::Refused("no stop command is configured".into());
+        return reply(&mut answer, Err(why));
     }
     let power = match backend.power(vm).await {
         Ok(power) => power,
@@ -357,21 +457,89 @@ async fn stop_vm(
                 VM = vm,
                 "stop: cannot tell its state: {why}"
             );
-            let _ = answer.send(Err(why));
-            return;
+            return reply(&mut answer, Err(why));
         }
     };
-    if power == Power::Off {
-        tracing::info!(BACKEND = backend_name, VM = vm, "stop: already off");
-        let _ = answer.send(Ok(Stopped::AlreadyOff));
-        return;
+    match power {
+        Power::Off => {
+            tracing::info!(BACKEND = backend_name, VM = vm, "stop: already off");
+            return reply(&mut answer, Ok(Stopped::AlreadyOff));
+        }
+        Power::Suspended => {
+            tracing::info!(BACKEND = backend_name, VM = vm, "stop: already suspended");
+            return reply(&mut answer, Ok(Stopped::AlreadySuspended));
+        }
+        _ => {}
     }
+    if policy.stop_mode != StopMode::Shutdown {
+        let mode = policy.stop_mode;
+        match suspend(backend, backend_name, vm, mode, stop_timeout, &mut answer).await {
+            Ok(()) => return,
+            Err(why) if policy.if_suspend_fails == IfSuspendFails::Shutdown => {
+                tracing::warn!(
+                    BACKEND = backend_name,
+                    VM = vm,
+                    SUSPEND_ERROR = %why,
+                    "stop: cannot suspend: {why}; shutting it down instead"
+                );
+            }
+            Err(why) => {
+                tracing::error!(
+                    BACKEND = backend_name,
+                    VM = vm,
+                    SUSPEND_ERROR = %why,
+                    "stop: suspend failed, the VM runs on: {why}"
+                );
+                return reply(&mut answer, Err(why));
+            }
+        }
+    }
+    shut_down(backend, backend_name, vm, power, stop_timeout, answer).await
+}
+
+/// Suspends or hibernates the VM. The proxy hears first where the platform's call lasts as long as the
+/// save, which may be longer than it waits for an answer.
+async fn suspend(
+    backend: &Backend,
+    backend_name: &str,
+    vm: &str,
+    mode: StopMode,
+    stop_timeout: Duration,
+    answer: &mut Answer,
+) -> Result<(), Failure> {
+    let (doing, done) = match mode {
+        StopMode::Hibernate => ("hibernating", "hibernated"),
+        _ => ("suspending", "suspended"),
+    };
+    tracing::info!(BACKEND = backend_name, VM = vm, "stop: {doing}");
+    if backend.suspend_takes_long() {
+        reply(answer, Ok(Stopped::Suspending));
+    }
+    let began = Instant::now();
+    backend.suspend(vm, mode, stop_timeout).await?;
+    tracing::info!(
+        BACKEND = backend_name,
+        VM = vm,
+        HOW = done,
+        SUSPEND_MS = millis(began.elapsed()),
+        "stop: {done}"
+    );
+    reply(answer, Ok(Stopped::Suspending));
+    Ok(())
+}
+
+/// Graceful shutdown, then forced off after `stop_timeout`.
+async fn shut_down(
+    backend: &Backend,
+    backend_name: &str,
+    vm: &str,
+    power: Power,
+    stop_timeout: Duration,
+    mut answer: Answer,
+) {
     // A stop command may take as long as the shutdown: the proxy hears at once that it is under way.
-    let mut answer = Some(answer);
-    if power == Power::Unknown
-        && let Some(answer) = answer.take()
-    {
-        let _ = answer.send(Ok(Stopped::Stopping));
+    if power == Power::Unknown {
+        reply(&mut answer, Ok(Stopped::Stopping));
     }
     let deadline = Instant::now() + stop_timeout;
     tracing::info!(BACKEND = backend_name, VM = vm, power = %power, "stop: graceful shutdown");
@@ -382,13 +550,13 @@ async fn stop_vm(
             VM = vm,
             "stop: graceful shutdown failed: {why}"
         );
-    } else if let Some(answer) = answer.take() {
-        let _ = answer.send(Ok(Stopped::Stopping));
+    } else {
+        reply(&mut answer, Ok(Stopped::Stopping));
     }
-    let off = match (&graceful, power) {
+    let off = match (&graceful, &power) {
         // The stop command's success is all a command backend can know.
         (Ok(()), Power::Unknown) => true,
-        (Ok(()), _) => wait_for_off(backend, vm, deadline).await.is_ok(),
+        (Ok(()), _) => wait_until_down(backend, vm, deadline).await.is_ok(),
         (Err(_), _) => false,
     };
     if off {
@@ -414,13 +582,18 @@ async fn stop_vm(
             "stop: forcing it off failed: {why}"
         ),
     }
-    if let Some(answer) = answer.take() {
-        let _ = answer.send(match (forced, graceful) {
+    reply(
+        &mut answer,
+        match (forced, graceful) {
             (Ok(true), _) => Ok(Stopped::Stopping),
             (Ok(false), Err(why)) | (Err(why), _) => Err(why),
             (Ok(false), Ok(())) => Ok(Stopped::Stopping),
-        });
-    }
+        },
+    );
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Whole seconds for messages; a wait of less than one shows as 1 s, not 0 s.

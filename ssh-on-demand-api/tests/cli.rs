@@ -88,7 +88,31 @@ fn the_man_page_documents_the_endpoints_and_credentials() {
         "CREDENTIALS",
         "check\\-config",
         "proxmox\\-token",
+        "stop_mode",
+        "RESUME_MS",
     ] {
         assert!(page.contains(section), "no {section} in the man page");
     }
+}
+
+#[test]
+fn the_example_configuration_passes_check_config() {
+    let example = include_str!("../config.example.toml");
+    // The example's CA file is not on this host: Proxmox's other way of trust instead.
+    let fingerprint = format!("fingerprint = \"{}\"", ["AB"; 32].join(":"));
+    let config = example.replace(
+        "ca_file = \"/etc/ssh-on-demand-api/pve-root-ca.pem\"",
+        &fingerprint,
+    );
+    let creds = [
+        ("api-token", "t\n"),
+        ("proxmox-token", "pve-secret\n"),
+        (
+            "aws-credentials",
+            "[default]\naws_access_key_id = AKIAEXAMPLE\naws_secret_access_key = secret\n",
+        ),
+    ];
+    let (ok, out, err) = check_config(&config, &creds);
+    assert!(ok, "{err}");
+    assert!(out.contains("stop_mode = \"hibernate\""), "{out}");
 }

@@ -250,3 +250,169 @@ fn serves_http_on_a_unix_socket() {
     );
     assert_eq!(stop.status, 409, "no stop command is configured: {stop:?}");
 }
+
+/// Scripts that keep a "VM" state in files: `start` boots (prints a plain address), `suspend` saves,
+/// `resume` restores or fails as the test says (a file `resume-fails` holding QEMU-like words).
+fn suspending_scripts() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    script(
+        &dir.path().join("start"),
+        &format!("echo \"start $1\" >> {d}/log\necho 127.0.0.1"),
+    );
+    script(
+        &dir.path().join("stop"),
+        &format!("echo \"stop $1\" >> {d}/log"),
+    );
+    script(
+        &dir.path().join("suspend"),
+        &format!(
+            "echo \"suspend $1\" >> {d}/log\n\
+             if [ -e {d}/suspend-fails ]; then cat {d}/suspend-fails >&2; exit 1; fi"
+        ),
+    );
+    script(
+        &dir.path().join("resume"),
+        &format!(
+            "echo \"resume $1\" >> {d}/log\n\
+             if [ -e {d}/resume-fails ]; then cat {d}/resume-fails >&2; exit 1; fi\n\
+             echo '{{\"vm_ip\": \"127.0.0.1\", \"how\": \"resumed\"}}'"
+        ),
+    );
+    dir
+}
+
+fn suspending_config(dir: &std::path::Path, profile: &str) -> String {
+    let d = dir.display();
+    format!(
+        "stop_timeout = \"5s\"\n\
+         [backends.scripts]\ntype = \"command\"\nstart = [\"{d}/start\", \"{{vm}}\"]\nstop = [\"{d}/stop\", \"{{vm}}\"]\n\
+         suspend = [\"{d}/suspend\", \"{{vm}}\"]\nresume = [\"{d}/resume\", \"{{vm}}\"]\n\
+         [profiles.lab]\nbackend = \"scripts\"\nvm = \"dev\"\nstop_mode = \"suspend\"\n{profile}\n"
+    )
+}
+
+fn script_log(dir: &std::path::Path) -> String {
+    fs::read_to_string(dir.join("log")).unwrap_or_default()
+}
+
+#[test]
+fn a_suspended_vm_is_resumed_by_the_next_start() {
+    let dir = suspending_scripts();
+    let api = Companion::start(&suspending_config(dir.path(), ""), &[]);
+    // The start command printed a plain address: it ran, and did not say whether it booted.
+    let first = api.start_vm("lab");
+    assert_eq!(first.how(), "started");
+    assert!(first.body["ms"].is_u64(), "{first:?}");
+
+    assert_eq!(
+        api.stop_vm("lab", "127.0.0.1").stop_status(),
+        (202, "suspending")
+    );
+    api.log
+        .wait_for(PATIENCE, |l| l.contains("stop: suspended"));
+    // Suspended now: a second stop has nothing to do.
+    assert_eq!(
+        api.stop_vm("lab", "127.0.0.1").stop_status(),
+        (200, "suspended")
+    );
+
+    let resumed = api.start_vm("lab");
+    assert_eq!((resumed.vm_ip(), resumed.how()), ("127.0.0.1", "resumed"));
+    assert!(resumed.body["ms"].is_u64(), "{resumed:?}");
+    let record = api.log.wait_for(PATIENCE, |l| {
+        l.contains("start answered with the address") && l.contains("HOW=\"resumed\"")
+    });
+    assert!(record.contains("RESUME_MS="), "{record}");
+    // Running again: the next start runs the start command, which is idempotent.
+    assert_eq!(api.start_vm("lab").how(), "started");
+    assert_eq!(
+        script_log(dir.path()),
+        "start dev\nsuspend dev\nresume dev\nstart dev\n"
+    );
+}
+
+#[test]
+fn a_failed_resume_is_reported_or_followed_by_a_boot() {
+    let dir = suspending_scripts();
+    fs::write(
+        dir.path().join("resume-fails"),
+        "qemu-system-x86_64: load of migration failed: Invalid argument\n",
+    )
+    .unwrap();
+    let api = Companion::start(&suspending_config(dir.path(), ""), &[]);
+    api.start_vm("lab").vm_ip();
+    api.stop_vm("lab", "127.0.0.1");
+    api.log
+        .wait_for(PATIENCE, |l| l.contains("stop: suspended"));
+    let failed = api.start_vm("lab");
+    assert_eq!(
+        (failed.status, failed.error()),
+        (
+            409,
+            "qemu-system-x86_64: load of migration failed: Invalid argument"
+        )
+    );
+    // The kept state is worth another try: the next start resumes again.
+    assert_eq!(api.start_vm("lab").status, 409);
+    assert_eq!(
+        script_log(dir.path()),
+        "start dev\nsuspend dev\nresume dev\nresume dev\n"
+    );
+    drop(api);
+
+    fs::remove_file(dir.path().join("log")).unwrap();
+    let api = Companion::start(
+        &suspending_config(dir.path(), "if_resume_fails = \"boot\""),
+        &[],
+    );
+    api.start_vm("lab").vm_ip();
+    api.stop_vm("lab", "127.0.0.1");
+    api.log
+        .wait_for(PATIENCE, |l| l.contains("stop: suspended"));
+    let booted = api.start_vm("lab");
+    assert_eq!((booted.vm_ip(), booted.how()), ("127.0.0.1", "booted"));
+    let warning = api.log.wait_for(PATIENCE, |l| l.contains("resume failed"));
+    assert!(warning.contains("load of migration failed"), "{warning}");
+    assert_eq!(
+        script_log(dir.path()),
+        "start dev\nsuspend dev\nresume dev\nstart dev\n"
+    );
+}
+
+#[test]
+fn a_failed_suspend_is_reported_or_followed_by_a_shutdown() {
+    let dir = suspending_scripts();
+    fs::write(
+        dir.path().join("suspend-fails"),
+        "migration failed: no space left on device\n",
+    )
+    .unwrap();
+    let api = Companion::start(&suspending_config(dir.path(), ""), &[]);
+    // A command's suspend lasts as long as the save: the proxy hears at once, the outcome is logged.
+    assert_eq!(
+        api.stop_vm("lab", "127.0.0.1").stop_status(),
+        (202, "suspending")
+    );
+    let error = api.log.wait_for(PATIENCE, |l| l.contains("suspend failed"));
+    assert!(error.contains("no space left on device"), "{error}");
+    assert!(!script_log(dir.path()).contains("stop dev"));
+    drop(api);
+
+    fs::remove_file(dir.path().join("log")).unwrap();
+    let api = Companion::start(
+        &suspending_config(dir.path(), "if_suspend_fails = \"shutdown\""),
+        &[],
+    );
+    assert_eq!(
+        api.stop_vm("lab", "127.0.0.1").stop_status(),
+        (202, "suspending")
+    );
+    api.log.wait_for(PATIENCE, |l| {
+        l.contains("stop: off after a graceful shutdown")
+    });
+    assert!(api.count("shutting it down instead") == 1);
+    assert_eq!(script_log(dir.path()), "suspend dev\nstop dev\n");
+    // Shut down, not suspended: the next start boots.
+    assert_eq!(api.start_vm("lab").how(), "started");
+}

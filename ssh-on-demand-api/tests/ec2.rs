@@ -83,3 +83,65 @@ fn stop_stops_the_instance() {
     assert_eq!(api.stop_vm("class", other_ip).status, 202);
     moto.wait_for_action("stop", other);
 }
+
+#[test]
+fn hibernate_needs_an_instance_launched_for_it_and_the_next_start_resumes() {
+    // Instance 0 was launched with hibernation enabled, instance 1 without.
+    let moto = Moto::start_with_hibernation(2, &[0]);
+    let ((ready, ready_ip), (plain, plain_ip)) = (&moto.instances[0], &moto.instances[1]);
+    let config = |plain_extra: &str| {
+        format!(
+            "{}[profiles.lab]\nbackend = \"aws\"\nvm = \"{ready}\"\nstop_mode = \"hibernate\"\n\
+             [profiles.plain]\nbackend = \"aws\"\nvm = \"{plain}\"\nstop_mode = \"hibernate\"\n{plain_extra}\n",
+            moto.backend()
+        )
+    };
+    let credentials = moto.credentials(&moto.secret_access_key);
+    let api = Companion::start(&config(""), &[("aws-credentials", &credentials)]);
+    assert_eq!(api.start_vm("lab").how(), "booted");
+    // StopInstances returns at once: the proxy hears EC2's answer.
+    assert_eq!(
+        api.stop_vm("lab", ready_ip).stop_status(),
+        (202, "suspending")
+    );
+    moto.wait_for_action("hibernate", ready);
+    assert_eq!(
+        api.stop_vm("lab", ready_ip).stop_status(),
+        (200, "suspended")
+    );
+    let resumed = api.start_vm("lab");
+    assert_eq!(
+        (resumed.vm_ip(), resumed.how()),
+        (ready_ip.as_str(), "resumed")
+    );
+
+    // Not launched for hibernation: refused, naming what it needs, and left running.
+    assert_eq!(api.start_vm("plain").how(), "booted");
+    let refused = api.stop_vm("plain", plain_ip);
+    assert_eq!(refused.status, 409, "{refused:?}");
+    assert!(
+        refused.error().contains(
+            "was not launched with hibernation enabled (HibernationOptions Configured=true"
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(moto.actions("stop", plain), 0);
+    drop(api);
+
+    // Unless the profile allows a plain stop instead.
+    let api = Companion::start(
+        &config("if_suspend_fails = \"shutdown\""),
+        &[("aws-credentials", &credentials)],
+    );
+    assert_eq!(
+        api.stop_vm("plain", plain_ip).stop_status(),
+        (202, "stopping")
+    );
+    moto.wait_for_action("stop", plain);
+    assert_eq!(moto.actions("hibernate", plain), 0);
+    api.log.wait_for(PATIENCE, |l| {
+        l.contains("stop: off after a graceful shutdown")
+    });
+    assert_eq!(api.count("shutting it down instead"), 1);
+    assert_eq!(api.start_vm("plain").how(), "booted");
+}

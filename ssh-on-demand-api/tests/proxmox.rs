@@ -26,7 +26,12 @@ fn guests(net: &str) -> Value {
         {"vmid": 101, "name": "up", "status": "running", "agent": agent(&format!("{net}.11"))},
         {"vmid": 102, "name": "noagent"},
         {"vmid": 103, "name": "big", "start_error": "not enough memory to start VM 103"},
-        {"vmid": 200, "name": "ct", "type": "lxc", "config": {"net0": format!("name=eth0,bridge=vmbr0,ip={net}.20/24")}}
+        {"vmid": 200, "name": "ct", "type": "lxc", "config": {"net0": format!("name=eth0,bridge=vmbr0,ip={net}.20/24")}},
+        {"vmid": 104, "name": "ram", "status": "running", "agent": agent(&format!("{net}.14"))},
+        {"vmid": 105, "name": "disk", "status": "running", "agent": agent(&format!("{net}.15"))},
+        // Suspended to disk, and its state will not load.
+        {"vmid": 106, "name": "broken", "status": "stopped", "lock": "suspended",
+         "start_error": "unable to restore VM 106 - QEMU exited with code 1"}
     ])
 }
 
@@ -34,7 +39,10 @@ const PROFILES: &str = "[profiles.lab]\nbackend = \"pve\"\nvm = \"100\"\n\
     [profiles.up]\nbackend = \"pve\"\nvm = \"qemu/101\"\n\
     [profiles.noagent]\nbackend = \"pve\"\nvm = \"102\"\n\
     [profiles.big]\nbackend = \"pve\"\nvm = \"103\"\n\
-    [profiles.ct]\nbackend = \"pve\"\nvm = \"lxc/200\"\n";
+    [profiles.ct]\nbackend = \"pve\"\nvm = \"lxc/200\"\n\
+    [profiles.ram]\nbackend = \"pve\"\nvm = \"104\"\nstop_mode = \"suspend\"\n\
+    [profiles.disk]\nbackend = \"pve\"\nvm = \"105\"\nstop_mode = \"hibernate\"\n\
+    [profiles.broken]\nbackend = \"pve\"\nvm = \"106\"\nstop_mode = \"hibernate\"\n";
 
 fn companion(pve: &Pve, tls: &str, secret: &str) -> Companion {
     Companion::start(
@@ -138,4 +146,61 @@ fn stop_is_a_shutdown_that_proxmox_forces_after_the_task_timeout() {
     let again = api.stop_vm("up", &format!("{net}.11"));
     assert_eq!(again.status, 200, "{again:?}");
     assert_eq!(pve.actions("shutdown", 101), 1);
+}
+
+#[test]
+fn suspend_to_ram_and_to_disk_then_resume() {
+    let net = loopback_net();
+    let pve = Pve::start(guests(&net));
+    let api = companion(
+        &pve,
+        &format!("fingerprint = \"{}\"", pve.fingerprint),
+        TOKEN_SECRET,
+    );
+    // To RAM: status/suspend, which pauses QEMU (qmpstatus "paused"); status/resume continues it.
+    let ram = format!("{net}.14");
+    assert_eq!(api.stop_vm("ram", &ram).stop_status(), (202, "suspending"));
+    pve.wait_for_action("suspend", 104);
+    api.log
+        .wait_for(PATIENCE, |l| l.contains("stop: suspended"));
+    assert_eq!(api.stop_vm("ram", &ram).stop_status(), (200, "suspended"));
+    let resumed = api.start_vm("ram");
+    assert_eq!((resumed.vm_ip(), resumed.how()), (ram.as_str(), "resumed"));
+    pve.wait_for_action("resume", 104);
+    assert_eq!(pve.actions("start", 104), 0);
+
+    // To disk: todisk=1 stops the VM locked "suspended"; a start restores it.
+    let disk = format!("{net}.15");
+    assert_eq!(
+        api.stop_vm("disk", &disk).stop_status(),
+        (202, "suspending")
+    );
+    pve.wait_for_action("hibernate", 105);
+    api.log
+        .wait_for(PATIENCE, |l| l.contains("stop: hibernated"));
+    assert_eq!(api.stop_vm("disk", &disk).stop_status(), (200, "suspended"));
+    let resumed = api.start_vm("disk");
+    assert_eq!((resumed.vm_ip(), resumed.how()), (disk.as_str(), "resumed"));
+    pve.wait_for_action("start", 105);
+    assert_eq!(pve.actions("resume", 105), 0);
+    assert_eq!(api.start_vm("disk").how(), "running");
+}
+
+#[test]
+fn a_failed_restore_is_reported_in_proxmox_words() {
+    let pve = Pve::start(guests(&loopback_net()));
+    let api = companion(
+        &pve,
+        &format!("fingerprint = \"{}\"", pve.fingerprint),
+        TOKEN_SECRET,
+    );
+    let broken = api.start_vm("broken");
+    assert_eq!(
+        (broken.status, broken.error()),
+        (
+            409,
+            "resuming 106: unable to restore VM 106 - QEMU exited with code 1"
+        )
+    );
+    pve.wait_for_action("start", 106);
 }

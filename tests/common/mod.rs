@@ -9,6 +9,7 @@ pub mod container;
 #[path = "../../ssh-on-demand-api/tests/common/emulator.rs"]
 pub mod emulator;
 pub mod etcd;
+pub mod guest;
 pub mod log;
 pub mod netns;
 pub mod proxy;

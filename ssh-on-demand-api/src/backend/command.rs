@@ -2,13 +2,20 @@
 //! `qm`, `incus`, `VBoxManage` and scripts.
 //!
 //! The only placeholder is `{vm}`, and its values come from the configuration, never from a request. The
-//! start command prints the address (`192.0.2.7`, or `{"vm_ip": "192.0.2.7"}`) and must be idempotent:
-//! it runs for every start, including for a VM that is already up.
+//! start command prints the address (`192.0.2.7`, or `{"vm_ip": "192.0.2.7"}`, which may say how it went:
+//! `"how": "booted"`, `"resumed"` or `"running"`) and must be idempotent: it runs for every start, including
+//! for a VM that is already up.
+//!
+//! With `stop_mode = "suspend"`, the suspend command keeps the VM's state, and the next start runs the
+//! resume command (or the start command, if there is none). A command has no state to ask, so this backend
+//! remembers which VMs it suspended, for as long as the companion runs.
 
 use std::{
+    collections::HashSet,
     net::IpAddr,
     os::unix::process::ExitStatusExt,
     process::{ExitStatus, Stdio},
+    sync::{Mutex, PoisonError},
     time::Duration,
 };
 
@@ -16,6 +23,7 @@ use anyhow::{Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use super::{Begun, How, Power};
 use crate::error::Failure;
 
 /// What a command may print on stdout and stderr; more is a fault (a runaway loop), and the command is ended.
@@ -33,7 +41,13 @@ pub struct CommandConfig {
     /// Powers the VM off at once, when `stop` failed or did not finish in time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kill: Option<Vec<String>>,
-    /// Bounds the start and kill commands.
+    /// Stops the VM keeping its state (`stop_mode = "suspend"`); bounded by `stop_timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend: Option<Vec<String>>,
+    /// Brings back what `suspend` kept and prints the address, as `start` does; default: `start`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Vec<String>>,
+    /// Bounds the start, resume and kill commands.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
 }
@@ -48,6 +62,8 @@ impl CommandConfig {
             ("start", Some(&self.start)),
             ("stop", self.stop.as_ref()),
             ("kill", self.kill.as_ref()),
+            ("suspend", self.suspend.as_ref()),
+            ("resume", self.resume.as_ref()),
         ] {
             let Some(argv) = argv else { continue };
             ensure!(!argv.is_empty(), "{name}: an empty command");
@@ -85,18 +101,80 @@ pub fn check_vm_name(vm: &str) -> Result<()> {
 
 pub struct Command {
     config: CommandConfig,
+    /// The VMs whose suspend command succeeded and that no start has brought back yet.
+    suspended: Mutex<HashSet<String>>,
 }
 
 impl Command {
     pub fn new(config: CommandConfig) -> Command {
-        Command { config }
+        Command {
+            config,
+            suspended: Mutex::default(),
+        }
     }
 
-    pub async fn start(&self, vm: &str) -> Result<IpAddr, Failure> {
-        let out = run("start", &self.config.start, vm, self.config.timeout).await?;
-        parse_address(&out).map_err(|why| {
-            Failure::Refused(format!("the start command's output is unusable: {why}"))
+    pub fn power(&self, vm: &str) -> Power {
+        if self.suspended().contains(vm) {
+            Power::Suspended
+        } else {
+            Power::Unknown
+        }
+    }
+
+    pub async fn start(&self, vm: &str) -> Result<Begun, Failure> {
+        self.run_start("start", &self.config.start, vm, How::Started)
+            .await
+    }
+
+    /// The resume command, or the start command where there is none (it finds the kept state itself).
+    pub async fn resume(&self, vm: &str) -> Result<Begun, Failure> {
+        match &self.config.resume {
+            Some(argv) => self.run_start("resume", argv, vm, How::Resumed).await,
+            None => {
+                self.run_start("start", &self.config.start, vm, How::Resumed)
+                    .await
+            }
+        }
+    }
+
+    /// The start command, which is to boot the VM afresh: it is not told of the kept state.
+    pub async fn boot_instead(&self, vm: &str) -> Result<Begun, Failure> {
+        self.run_start("start", &self.config.start, vm, How::Booted)
+            .await
+    }
+
+    pub async fn suspend(&self, vm: &str, limit: Duration) -> Result<(), Failure> {
+        let Some(argv) = &self.config.suspend else {
+            return Err(Failure::Refused("no suspend command is configured".into()));
+        };
+        run("suspend", argv, vm, limit).await?;
+        self.suspended().insert(vm.to_owned());
+        Ok(())
+    }
+
+    /// Runs a command that prints the address; `how` is what happened unless it says.
+    async fn run_start(
+        &self,
+        name: &str,
+        argv: &[String],
+        vm: &str,
+        how: How,
+    ) -> Result<Begun, Failure> {
+        let out = run(name, argv, vm, self.config.timeout).await?;
+        let (ip, said) = parse_output(&out).map_err(|why| {
+            Failure::Refused(format!("the {name} command's output is unusable: {why}"))
+        })?;
+        self.suspended().remove(vm);
+        Ok(Begun {
+            ip: Some(ip),
+            how: Some(said.unwrap_or(how)),
         })
+    }
+
+    fn suspended(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.suspended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn can_stop(&self) -> bool {
@@ -218,33 +296,41 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// The address a start command printed: an IP address alone, or JSON `{"vm_ip": "…"}`.
-pub fn parse_address(out: &str) -> Result<IpAddr, String> {
+/// The address a start or resume command printed (an IP address alone, or JSON `{"vm_ip": "…"}`), and how
+/// it went if it said (JSON `"how"`).
+pub fn parse_output(out: &str) -> Result<(IpAddr, Option<How>), String> {
     let text = out.trim();
     if text.starts_with('{') {
         #[derive(Deserialize)]
         struct Answer {
             vm_ip: String,
+            how: Option<How>,
         }
-        let answer: Answer =
-            serde_json::from_str(text).map_err(|e| format!("JSON without vm_ip ({e})"))?;
-        return answer
+        let answer: Answer = serde_json::from_str(text)
+            .map_err(|e| format!("JSON without vm_ip, or with an unknown how ({e})"))?;
+        let ip = answer
             .vm_ip
             .parse()
-            .map_err(|_| format!("{:?} is not an IP address", answer.vm_ip));
+            .map_err(|_| format!("{:?} is not an IP address", answer.vm_ip))?;
+        return Ok((ip, answer.how));
     }
     if text.is_empty() {
         return Err("it printed nothing; it must print the VM's IP address".into());
     }
-    text.parse().map_err(|_| {
+    let ip = text.parse().map_err(|_| {
         let shown: String = text.chars().take(80).collect();
         format!("{shown:?} is not an IP address")
-    })
+    })?;
+    Ok((ip, None))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse_address(out: &str) -> Result<IpAddr, String> {
+        parse_output(out).map(|(ip, _)| ip)
+    }
 
     #[test]
     fn addresses_plain_or_json() {
@@ -267,6 +353,15 @@ mod tests {
                 .contains("not an IP address")
         );
         assert!(parse_address("{}").unwrap_err().contains("without vm_ip"));
+        assert_eq!(
+            parse_output(r#"{"vm_ip": "127.0.0.1", "how": "resumed"}"#).unwrap(),
+            ("127.0.0.1".parse().unwrap(), Some(How::Resumed))
+        );
+        assert!(
+            parse_output(r#"{"vm_ip": "127.0.0.1", "how": "teleported"}"#)
+                .unwrap_err()
+                .contains("unknown how")
+        );
     }
 
     #[test]
@@ -275,6 +370,8 @@ mod tests {
             start: start.iter().map(|s| s.to_string()).collect(),
             stop: None,
             kill: None,
+            suspend: None,
+            resume: None,
             timeout: default_timeout(),
         };
         assert!(config(&["/usr/bin/virsh", "start", "{vm}"]).check().is_ok());

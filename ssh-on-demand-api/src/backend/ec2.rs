@@ -1,5 +1,9 @@
 //! The AWS EC2 backend: StartInstances, DescribeInstances and StopInstances on EC2's Query API, signed
 //! with SigV4 (the signer crate alone; the SDK would bring a runtime for three calls).
+//!
+//! A hibernation is StopInstances with `Hibernate=true`: the guest writes its memory to its root volume and
+//! the instance stops; the next StartInstances resumes it. EC2 tells a hibernated instance by its state
+//! reason, `Client.UserInitiatedHibernate`.
 
 use std::{
     net::IpAddr,
@@ -19,6 +23,8 @@ use super::{Lookup, Power, ec2_credentials};
 use crate::error::{Failure, chain};
 
 const API_VERSION: &str = "2016-11-15";
+/// The state reason of an instance stopped by a hibernation.
+const HIBERNATED: &str = "Client.UserInitiatedHibernate";
 const FORM: &str = "application/x-www-form-urlencoded; charset=utf-8";
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -130,6 +136,12 @@ impl Ec2 {
             Some("running") => Power::Running,
             Some("pending") => Power::Starting,
             Some("stopping" | "shutting-down") => Power::Stopping,
+            Some("stopped")
+                if instance_field(&xml, vm, &["stateReason", "code"])?.as_deref()
+                    == Some(HIBERNATED) =>
+            {
+                Power::Suspended
+            }
             Some("stopped") => Power::Off,
             Some(other) => Power::Other(other.to_owned()),
             None => Power::Other("unknown".into()),
@@ -168,6 +180,24 @@ impl Ec2 {
                 )
             }
         })
+    }
+
+    /// StopInstances with `Hibernate=true`, once DescribeInstances says the instance was launched for it: a
+    /// clear refusal beats EC2's own, which does not name what to change.
+    pub async fn hibernate(&self, vm: &str) -> Result<(), Failure> {
+        let xml = self.call("DescribeInstances", vm, &[]).await?;
+        let configured = instance_field(&xml, vm, &["hibernationOptions", "configured"])?;
+        if configured.as_deref() != Some("true") {
+            return Err(Failure::Refused(format!(
+                "instance {vm} cannot hibernate: it was not launched with hibernation enabled \
+                 (HibernationOptions Configured=true, which also needs an encrypted EBS root volume with room \
+                 for its memory and a supported instance type and AMI); set if_suspend_fails = \"shutdown\" \
+                 to stop it instead"
+            )));
+        }
+        self.call("StopInstances", vm, &[("Hibernate", "true")])
+            .await
+            .map(drop)
     }
 
     pub async fn stop(&self, vm: &str, force: bool) -> Result<(), Failure> {

@@ -1,5 +1,7 @@
 //! The libvirt backend: start, shut down and destroy a domain through the libvirt library; the address
-//! from the DHCP lease, the guest agent or the host's ARP table, in the configured order.
+//! from the DHCP lease, the guest agent or the host's ARP table, in the configured order. A suspend is a
+//! managed save (the guest's memory to a file on the host, the domain shut off), which the next create
+//! restores; a paused domain counts as suspended too.
 //!
 //! One connection is opened on first use and kept (libvirt's test driver keeps its state per connection),
 //! and opened again if it died. libvirt's calls block, so they run on tokio's blocking threads.
@@ -98,8 +100,9 @@ impl Libvirt {
             Ok(match state {
                 Enum::Known(DomainState::Running | DomainState::Blocked) => Power::Running,
                 Enum::Known(DomainState::Shutdown) => Power::Stopping,
+                Enum::Known(DomainState::Shutoff) if dom.has_managed_save(0)? => Power::Suspended,
                 Enum::Known(DomainState::Shutoff) => Power::Off,
-                Enum::Known(DomainState::Paused) => Power::Other("paused".into()),
+                Enum::Known(DomainState::Paused) => Power::Suspended,
                 Enum::Known(DomainState::Crashed) => Power::Other("crashed".into()),
                 Enum::Known(DomainState::PMSuspended) => Power::Other("suspended".into()),
                 Enum::Known(DomainState::NoState) | Enum::Unknown(_) => {
@@ -111,12 +114,40 @@ impl Libvirt {
     }
 
     pub async fn start(&self, vm: &str) -> Result<(), Failure> {
+        self.with_domain(vm, Domain::create)
+            .await
+            .map_err(|f| f.context(format_args!("starting domain '{vm}'")))
+    }
+
+    /// Continues a paused domain, or creates one from its managed save, which libvirt restores.
+    pub async fn resume(&self, vm: &str) -> Result<(), Failure> {
         self.with_domain(vm, |dom| match dom.state()?.0 {
             Enum::Known(DomainState::Paused) => dom.resume(),
             _ => dom.create(),
         })
         .await
-        .map_err(|f| f.context(format_args!("starting domain '{vm}'")))
+        .map_err(|f| f.context(format_args!("resuming domain '{vm}'")))
+    }
+
+    /// Drops the kept state (a paused domain's memory, a managed save image), then boots.
+    pub async fn boot_instead(&self, vm: &str) -> Result<(), Failure> {
+        self.with_domain(vm, |dom| {
+            if dom.state()?.0 == Enum::Known(DomainState::Paused) {
+                dom.destroy()?;
+            }
+            if dom.has_managed_save(0)? {
+                dom.managed_save_remove(0)?;
+            }
+            dom.create()
+        })
+        .await
+        .map_err(|f| f.context(format_args!("booting domain '{vm}'")))
+    }
+
+    pub async fn managed_save(&self, vm: &str) -> Result<(), Failure> {
+        self.with_domain(vm, |dom| dom.managed_save(0))
+            .await
+            .map_err(|f| f.context(format_args!("saving domain '{vm}'")))
     }
 
     pub async fn address(&self, vm: &str) -> Result<Lookup, Failure> {

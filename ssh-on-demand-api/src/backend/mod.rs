@@ -9,11 +9,15 @@ pub mod ec2_credentials;
 pub mod libvirt;
 pub mod proxmox;
 
-use std::{fmt, net::IpAddr};
+use std::{fmt, net::IpAddr, time::Duration};
 
 use anyhow::Result;
+use serde::{Deserialize, Serialize};
 
-use crate::{config::BackendConfig, error::Failure};
+use crate::{
+    config::{BackendConfig, StopMode},
+    error::Failure,
+};
 
 /// What the platform says about a VM's power.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,9 +28,12 @@ pub enum Power {
     /// On its way down: a start must wait until it is off (libvirt's "in shutdown", EC2's `stopping`).
     Stopping,
     Off,
+    /// Stopped with its state kept (a managed save, a paused or hibernated VM, a suspend command's): a start
+    /// resumes it.
+    Suspended,
     /// The backend cannot tell (a command backend): start and stop run their commands every time.
     Unknown,
-    /// Anything else, in the platform's word (paused, crashed, …): a start is attempted.
+    /// Anything else, in the platform's word (crashed, …): a start is attempted.
     Other(String),
 }
 
@@ -37,6 +44,7 @@ impl fmt::Display for Power {
             Power::Starting => f.write_str("starting"),
             Power::Stopping => f.write_str("stopping"),
             Power::Off => f.write_str("off"),
+            Power::Suspended => f.write_str("suspended"),
             Power::Unknown => f.write_str("unknown"),
             Power::Other(word) => f.write_str(word),
         }
@@ -49,6 +57,39 @@ pub enum Lookup {
     Found(IpAddr),
     /// Not yet, and why, in the platform's words (the last one is what the user reads if it never comes).
     NotYet(String),
+}
+
+/// How a start found or left the VM: in the journal (`HOW`) and in the start answer (`"how"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum How {
+    /// It ran already.
+    Running,
+    /// It booted.
+    Booted,
+    /// It came back from a suspend or a hibernation.
+    Resumed,
+    /// A start command ran and did not say which (it may print `"how"`).
+    Started,
+}
+
+impl How {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            How::Running => "running",
+            How::Booted => "booted",
+            How::Resumed => "resumed",
+            How::Started => "started",
+        }
+    }
+}
+
+/// What a start or a resume told at once: a command prints the address and may say how it went; the
+/// platforms name the address later.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Begun {
+    pub ip: Option<IpAddr>,
+    pub how: Option<How>,
 }
 
 /// One configured platform connection.
@@ -89,22 +130,65 @@ impl Backend {
 
     pub async fn power(&self, vm: &str) -> Result<Power, Failure> {
         match self {
-            // A command backend has no state to ask; its start command is idempotent by contract.
-            Backend::Command(_) => Ok(Power::Unknown),
+            // A command backend has no state to ask (its start command is idempotent by contract), but knows
+            // which VMs it suspended.
+            Backend::Command(b) => Ok(b.power(vm)),
             Backend::Libvirt(b) => b.power(vm).await,
             Backend::Proxmox(b) => b.power(vm).await,
             Backend::Ec2(b) => b.power(vm).await,
         }
     }
 
-    /// Starts the VM. The command backend's start command prints the address, which it returns.
-    pub async fn start(&self, vm: &str) -> Result<Option<IpAddr>, Failure> {
+    /// Starts the VM (boots it).
+    pub async fn start(&self, vm: &str) -> Result<Begun, Failure> {
         match self {
-            Backend::Command(b) => b.start(vm).await.map(Some),
-            Backend::Libvirt(b) => b.start(vm).await.map(|()| None),
-            Backend::Proxmox(b) => b.start(vm).await.map(|()| None),
-            Backend::Ec2(b) => b.start(vm).await.map(|()| None),
+            Backend::Command(b) => b.start(vm).await,
+            Backend::Libvirt(b) => b.start(vm).await.map(|()| Begun::default()),
+            Backend::Proxmox(b) => b.start(vm).await.map(|()| Begun::default()),
+            Backend::Ec2(b) => b.start(vm).await.map(|()| Begun::default()),
         }
+    }
+
+    /// Brings a [`Power::Suspended`] VM back from its kept state.
+    pub async fn resume(&self, vm: &str) -> Result<Begun, Failure> {
+        match self {
+            Backend::Command(b) => b.resume(vm).await,
+            Backend::Libvirt(b) => b.resume(vm).await.map(|()| Begun::default()),
+            Backend::Proxmox(b) => b.resume(vm).await.map(|()| Begun::default()),
+            // A start is a resume for a hibernated instance: EC2 restores it itself.
+            Backend::Ec2(b) => b.start(vm).await.map(|()| Begun::default()),
+        }
+    }
+
+    /// Discards a suspended VM's kept state and boots it (`if_resume_fails = "boot"`), where the platform
+    /// can; the configuration refuses the setting where it cannot.
+    pub async fn boot_instead(&self, vm: &str) -> Result<Begun, Failure> {
+        match self {
+            Backend::Command(b) => b.boot_instead(vm).await,
+            Backend::Libvirt(b) => b.boot_instead(vm).await.map(|()| Begun::default()),
+            Backend::Proxmox(b) => b.boot_instead(vm).await.map(|()| Begun::default()),
+            Backend::Ec2(_) => Err(Failure::Refused(
+                "EC2 offers no boot instead of a hibernated instance's resume".into(),
+            )),
+        }
+    }
+
+    /// Stops the VM keeping its state, as `mode` (`Suspend` or `Hibernate`) says. `limit` bounds a suspend
+    /// command.
+    pub async fn suspend(&self, vm: &str, mode: StopMode, limit: Duration) -> Result<(), Failure> {
+        match self {
+            Backend::Command(b) => b.suspend(vm, limit).await,
+            Backend::Libvirt(b) => b.managed_save(vm).await,
+            Backend::Proxmox(b) => b.suspend(vm, mode == StopMode::Hibernate).await,
+            Backend::Ec2(b) => b.hibernate(vm).await,
+        }
+    }
+
+    /// Whether [`Backend::suspend`] returns only once the state is saved (a command, libvirt's managed
+    /// save, a Proxmox VE task), which may take longer than the proxy waits for an answer; EC2 takes the
+    /// request and hibernates on its own.
+    pub fn suspend_takes_long(&self) -> bool {
+        !matches!(self, Backend::Ec2(_))
     }
 
     pub async fn address(&self, vm: &str) -> Result<Lookup, Failure> {
@@ -120,7 +204,7 @@ impl Backend {
 
     /// Asks the guest to shut down (ACPI, guest agent, the stop command).
     /// `limit` bounds a stop command; the platforms take the request and work on their own.
-    pub async fn shutdown(&self, vm: &str, limit: std::time::Duration) -> Result<(), Failure> {
+    pub async fn shutdown(&self, vm: &str, limit: Duration) -> Result<(), Failure> {
         match self {
             Backend::Command(b) => b.stop(vm, limit).await,
             Backend::Libvirt(b) => b.shutdown(vm).await,

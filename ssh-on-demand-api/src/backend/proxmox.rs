@@ -1,6 +1,10 @@
 //! The Proxmox VE backend: its REST API with an API token; QEMU VMs (`105`, `qemu/105`) and LXC containers
 //! (`lxc/200`). Start and stop are tasks whose end we wait for; the address comes from the QEMU guest
 //! agent (`network-get-interfaces`) or, for containers, from `interfaces`.
+//!
+//! A suspend is Proxmox's own: to RAM (the QEMU process paused, `qmpstatus` `paused`, resumed by
+//! `status/resume`) or to disk (`todisk=1`: the state saved to a volume, the VM stopped with the lock
+//! `suspended`, restored by the next `status/start`).
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
@@ -77,6 +81,18 @@ impl ProxmoxConfig {
     }
 }
 
+/// A guest's state as `status/current` tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Running,
+    /// Suspended to RAM: the QEMU process paused.
+    InRam,
+    /// Suspended to disk (hibernated): stopped, its state in a volume, locked `suspended`.
+    OnDisk,
+    Stopped,
+    Other(String),
+}
+
 /// A guest: QEMU VM or LXC container, by VMID.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Guest {
@@ -138,6 +154,16 @@ impl Proxmox {
     }
 
     pub async fn power(&self, vm: &str) -> Result<Power, Failure> {
+        Ok(match self.state(vm).await? {
+            State::Running => Power::Running,
+            State::InRam | State::OnDisk => Power::Suspended,
+            State::Stopped => Power::Off,
+            State::Other(word) => Power::Other(word),
+        })
+    }
+
+    /// `status/current`: the guest's `status`, and for a suspended one where its state is.
+    async fn state(&self, vm: &str) -> Result<State, Failure> {
         let status = self
             .call(Method::GET, &self.guest_path(vm, "status/current")?, &[])
             .await?;
@@ -149,13 +175,57 @@ impl Proxmox {
                 .to_owned()
         };
         Ok(
-            match (word("status").as_str(), word("qmpstatus").as_str()) {
-                ("running", "paused") => Power::Other("paused".into()),
-                ("running", _) => Power::Running,
-                ("stopped", _) => Power::Off,
-                (other, _) => Power::Other(other.to_owned()),
+            match (
+                word("status").as_str(),
+                word("qmpstatus").as_str(),
+                word("lock").as_str(),
+            ) {
+                // "suspended" is a guest's own suspend to RAM (S3), which status/resume wakes too.
+                ("running", "paused" | "suspended", _) => State::InRam,
+                ("running", _, _) => State::Running,
+                ("stopped", _, "suspended") => State::OnDisk,
+                ("stopped", _, _) => State::Stopped,
+                (other, _, _) => State::Other(other.to_owned()),
             },
         )
+    }
+
+    /// `status/suspend`, with `todisk=1` for a hibernation; waits for its task.
+    pub async fn suspend(&self, vm: &str, to_disk: bool) -> Result<(), Failure> {
+        let form: &[(&str, &str)] = if to_disk { &[("todisk", "1")] } else { &[] };
+        let upid = self
+            .call(Method::POST, &self.guest_path(vm, "status/suspend")?, form)
+            .await?;
+        self.wait_for_task(&upid)
+            .await
+            .map_err(|f| f.context(format_args!("suspending {vm}")))
+    }
+
+    /// `status/resume` for a VM suspended to RAM; `status/start`, which restores the saved state, for one
+    /// suspended to disk.
+    pub async fn resume(&self, vm: &str) -> Result<(), Failure> {
+        let action = match self.state(vm).await? {
+            State::OnDisk => "status/start",
+            _ => "status/resume",
+        };
+        let upid = self
+            .call(Method::POST, &self.guest_path(vm, action)?, &[])
+            .await?;
+        self.wait_for_task(&upid)
+            .await
+            .map_err(|f| f.context(format_args!("resuming {vm}")))
+    }
+
+    /// A VM suspended to RAM is stopped, which drops its state, and started afresh. One suspended to disk
+    /// keeps its state until a start restores it: Proxmox VE offers no boot instead.
+    pub async fn boot_instead(&self, vm: &str) -> Result<(), Failure> {
+        if self.state(vm).await? == State::OnDisk {
+            return Err(Failure::Refused(format!(
+                "{vm} is suspended to disk, and Proxmox VE restores that state at every start"
+            )));
+        }
+        self.stop(vm).await?;
+        self.start(vm).await
     }
 
     pub async fn start(&self, vm: &str) -> Result<(), Failure> {

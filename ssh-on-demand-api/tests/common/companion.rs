@@ -41,6 +41,20 @@ impl Reply {
         assert_eq!(self.status, 200, "{self:?}");
         self.body["vm_ip"].as_str().unwrap_or_default()
     }
+
+    /// How a start went: "running", "booted", "resumed" or "started".
+    pub fn how(&self) -> &str {
+        assert_eq!(self.status, 200, "{self:?}");
+        self.body["how"].as_str().unwrap_or_default()
+    }
+
+    /// The "status" of a stop's answer: "off", "suspended", "stopping", "suspending".
+    pub fn stop_status(&self) -> (u16, &str) {
+        (
+            self.status,
+            self.body["status"].as_str().unwrap_or_default(),
+        )
+    }
 }
 
 impl Companion {

@@ -16,10 +16,17 @@ pub struct Moto {
 
 impl Moto {
     pub fn start(instances: usize) -> Moto {
+        Moto::start_with_hibernation(instances, &[])
+    }
+
+    /// `instances` stopped instances, those at the indices `hibernation` launched for hibernation.
+    pub fn start_with_hibernation(instances: usize, hibernation: &[usize]) -> Moto {
         let count = instances.to_string();
+        let indices: Vec<String> = hibernation.iter().map(usize::to_string).collect();
+        let option = format!("--hibernation={}", indices.join(","));
         let server = Emulator::start(
             &super::emulator_script("moto_serve.py"),
-            &[count.as_ref()],
+            &[count.as_ref(), option.as_ref()],
             // moto logs every request there.
             Stdio::null(),
             "moto",

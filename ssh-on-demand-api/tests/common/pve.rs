@@ -49,7 +49,8 @@ impl Pve {
         )
     }
 
-    /// Power actions of `kind` ("start", "shutdown", "stop") the fake received for `vmid`.
+    /// Power actions of `kind` ("start", "shutdown", "stop", "suspend", "hibernate", "resume") the fake
+    /// received for `vmid`.
     pub fn actions(&self, kind: &str, vmid: u32) -> usize {
         self.server.events(&action(kind, vmid))
     }

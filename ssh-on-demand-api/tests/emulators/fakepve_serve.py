@@ -6,11 +6,13 @@ Usage: fakepve_serve.py SPEC.json
 SPEC: {"token_id": "user@pve!id", "token_secret": "...", "dir": "/tmp/x",
        "guests": [{"vmid": 100, "name": "dev", "type": "qemu"|"lxc", "status": "stopped",
                    "config": {...}, "agent": {"interfaces": [...]} | null,
-                   "agent_after_start": seconds, "start_error": "..."}]}
+                   "agent_after_start": seconds, "start_error": "...",
+                   "lock": "suspended" (with status "stopped": a VM suspended to disk)}]}
 
 Prints one JSON line when listening: {"url", "ca_file", "fingerprint"}; then one JSON line per power
-action the fake receives ({"event": "start"|"shutdown"|"stop", "vmid": N}), so that a test can "boot" the
-guest's sshd when Proxmox starts it. Exits when stdin closes.
+action the fake receives ({"event": "start"|"shutdown"|"stop"|"suspend"|"hibernate"|"resume", "vmid": N};
+"hibernate" is a suspend with todisk=1), so that a test can "boot" the guest's sshd when Proxmox starts it.
+Exits when stdin closes.
 """
 import asyncio
 import hashlib
@@ -40,6 +42,8 @@ async def main(spec):
         vm.agent = guest.get("agent")
         if "start_error" in guest:
             vm.start_error = guest["start_error"]
+        if "lock" in guest:
+            vm.lock = vm.config["lock"] = guest["lock"]
         if "agent_after_start" in guest:
             agents_later[vm.vmid] = (guest["agent_after_start"], vm.agent)
             vm.agent = None
@@ -51,7 +55,8 @@ async def main(spec):
         async def hooked(*args, **kwargs):
             guest = args[0] if args and hasattr(args[0], "vmid") else None
             vmid = guest.vmid if guest else int(args[1]["vmid"])
-            emit(event=action, vmid=vmid)
+            to_disk = action == "suspend" and guest and str(args[2].get("todisk", "0")) in ("1", "true")
+            emit(event="hibernate" if to_disk else action, vmid=vmid)
             result = await original(*args, **kwargs)
             if action == "start" and vmid in agents_later:
                 delay, agent = agents_later[vmid]
@@ -61,6 +66,7 @@ async def main(spec):
         setattr(pve, name, hooked)
 
     for name, action in (("_do_start", "start"), ("_do_shutdown", "shutdown"), ("_do_stop", "stop"),
+                         ("_do_suspend", "suspend"), ("_do_resume", "resume"),
                          ("_lxc_start", "start"), ("_lxc_shutdown", "shutdown"), ("_lxc_stop", "stop")):
         watch(name, action)
     await pve.start(certfile, keyfile)

@@ -1,13 +1,20 @@
 #!/usr/bin/env python3
 """Serves moto's EC2 server (PyPI: moto[server]) with signature checking on, for ssh-on-demand-api's tests.
 
-Usage: moto_serve.py N [IP...]   (the instances' private addresses, all in one 127.A.B.0/24; default: random)
+Usage: moto_serve.py N [--hibernation=I,J,...] [IP...]
+  IP: the instances' private addresses, all in one 127.A.B.0/24 (default: random);
+  --hibernation: the instances (by index) launched with HibernationOptions Configured=true.
 
 Makes a VPC and subnet in 127.0.0.0/8, so that every instance's private address is loopback, and N
 stopped instances in it; an IAM user whose key may call EC2; then turns authentication on (moto's
 INITIAL_NO_AUTH_ACTION_COUNT = 0: every request must be signed with a key moto knows). Prints one JSON
 line: {"endpoint", "region", "access_key_id", "secret_access_key", "instances": [{"id", "ip"}]}, then one
-line per power action ({"event": "start"|"stop", "id": ...}). Exits when stdin closes.
+line per power action ({"event": "start"|"stop"|"hibernate", "id": ...}; a hibernation is also a stop).
+Exits when stdin closes.
+
+moto takes StopInstances' Hibernate=true and stops the instance as usual; EC2 records a hibernation in the
+instance's state reason (Client.UserInitiatedHibernate), which the companion reads to tell a hibernated
+instance from a stopped one. This script does that part of EC2's behaviour; the rest is moto's.
 """
 import json
 import random
@@ -15,7 +22,8 @@ import sys
 
 import boto3
 import requests
-from moto.ec2.models.instances import InstanceBackend
+from moto.ec2.models.instances import InstanceBackend, StateReason
+from moto.ec2.responses.instances import InstanceResponse
 from moto.server import ThreadedMotoServer
 
 REGION = "eu-central-1"
@@ -35,7 +43,21 @@ def watch(name, action):
     setattr(InstanceBackend, name, hooked)
 
 
-def main(count, ips):
+def record_hibernations():
+    original = InstanceResponse.stop_instances
+
+    def stop_instances(self):
+        result = original(self)
+        if self._get_bool_param("Hibernate", False):
+            for instance_id in self._get_param("InstanceIds", []):
+                self.ec2_backend.get_instance(instance_id).state_reason = StateReason(
+                    "Client.UserInitiatedHibernate: User initiated hibernate", "Client.UserInitiatedHibernate")
+                emit(event="hibernate", id=instance_id)
+        return result
+    InstanceResponse.stop_instances = stop_instances
+
+
+def main(count, hibernation, ips):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -50,7 +72,7 @@ def main(count, ips):
     for n in range(count):
         ip = ips[n] if n < len(ips) else "{0}.{1}".format(net, 10 + n)
         run = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, SubnetId=subnet,
-                                PrivateIpAddress=ip)
+                                PrivateIpAddress=ip, HibernationOptions={"Configured": n in hibernation})
         instances.append({"id": run["Instances"][0]["InstanceId"], "ip": ip})
     ec2.stop_instances(InstanceIds=[i["id"] for i in instances])
     iam = boto3.client("iam", **setup)
@@ -62,6 +84,7 @@ def main(count, ips):
     # Only the companion's power actions from here on.
     watch("start_instances", "start")
     watch("stop_instances", "stop")
+    record_hibernations()
     emit(endpoint=url + "/", region=REGION, access_key_id=key["AccessKeyId"],
          secret_access_key=key["SecretAccessKey"], instances=instances)
     sys.stdin.read()
@@ -69,4 +92,6 @@ def main(count, ips):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2:])
+    options = [a for a in sys.argv[2:] if a.startswith("--hibernation=")]
+    hibernation = {int(i) for o in options for i in o.split("=", 1)[1].split(",") if i}
+    main(int(sys.argv[1]), hibernation, [a for a in sys.argv[2:] if a not in options])
