@@ -35,6 +35,13 @@ pub const ATTEMPT_INTERVAL: Duration = Duration::from_millis(20);
 /// Attempts waiting for a TCP answer at once. Each waits up to `vm_connect_timeout`; with the default (1 s)
 /// they are never more than this. Past it the oldest attempt is dropped, which sends nothing.
 pub const MAX_CONNECTING: usize = 50;
+/// A connection that has heard nothing this long may be a port forward's (QEMU user networking accepts for
+/// a guest whose network is not up yet, and its SYN to the guest is lost): from then on a new attempt starts
+/// this often beside it, so that the guest's sshd is found within this long of listening rather than at the
+/// end of `vm_banner_timeout`. A slow sshd meanwhile gets one more connection this often, closed politely.
+pub const SILENT_RETRY: Duration = Duration::from_secs(1);
+/// Connections waiting for sshd's line at once; past it no new attempt starts.
+const MAX_CONNECTED: usize = 8;
 /// sshd may send other lines before its identification (RFC 4253 §4.2); past this it is not sshd.
 const MAX_BEFORE_IDENTIFICATION: usize = 16 * 1024;
 /// How long a connection that reached the VM but lost the race may take to be closed politely, in the
@@ -85,6 +92,15 @@ struct Connected {
     stream: TcpStream,
     received: Vec<u8>,
     banner_by: Instant,
+    /// Heard from in time, or too new to tell: no other attempt is needed beside it.
+    since: Instant,
+}
+
+impl Connected {
+    /// It may be a dead end: nothing heard for [`SILENT_RETRY`].
+    fn silent(&self, now: Instant) -> bool {
+        self.received.is_empty() && now >= self.since + SILENT_RETRY
+    }
 }
 
 /// Connects to `addr` again and again until sshd identifies itself or `deadline` passes. `waited` is the
@@ -106,9 +122,13 @@ pub async fn wait_for_sshd(
         if Instant::now() >= deadline {
             return Err(NotReady { addr, waited, last });
         }
-        // While a connection waits for sshd's line, more connections would only reach sshd too. The first
-        // attempt, and one that is due, starts here rather than through a timer, which would add a tick.
-        if connected.is_empty() && Instant::now() >= next_attempt {
+        // While a connection waits for sshd's line, more connections would only reach sshd too, unless the
+        // ones waiting have heard nothing for a while. The first attempt, and one that is due, starts here
+        // rather than through a timer, which would add a tick.
+        let now = Instant::now();
+        let may_attempt = connected.is_empty()
+            || (connected.len() < MAX_CONNECTED && connected.iter().all(|c| c.silent(now)));
+        if may_attempt && now >= next_attempt {
             if connecting.len() == MAX_CONNECTING {
                 connecting.pop_front();
             }
@@ -117,8 +137,19 @@ pub async fn wait_for_sshd(
                 addr,
                 deadline.min(Instant::now() + timeouts.connect),
             ));
-            next_attempt = Instant::now() + ATTEMPT_INTERVAL;
+            let interval = if connected.is_empty() {
+                ATTEMPT_INTERVAL
+            } else {
+                SILENT_RETRY
+            };
+            next_attempt = Instant::now() + interval;
         }
+        // When the connections waiting turn silent, or the next attempt is due while they are.
+        let retry_at = match connected.iter().map(|c| c.since + SILENT_RETRY).max() {
+            None => next_attempt,
+            Some(silent_at) if connected.len() < MAX_CONNECTED => silent_at.max(next_attempt),
+            Some(_) => deadline,
+        };
         let banner_due = connected.iter().map(|c| c.banner_by).min();
         tokio::select! {
             biased;
@@ -129,6 +160,7 @@ pub async fn wait_for_sshd(
                         stream,
                         received: Vec::with_capacity(256),
                         banner_by: deadline.min(Instant::now() + timeouts.banner),
+                        since: Instant::now(),
                     }),
                     Err(error) => note(&mut last, attempts, error.to_string(), deadline),
                 }
@@ -145,7 +177,7 @@ pub async fn wait_for_sshd(
                     note(&mut last, attempts, error, deadline);
                 }
             },
-            () = sleep_until(next_attempt), if connected.is_empty() => {}
+            () = sleep_until(retry_at) => {}
             () = sleep_until(banner_due.unwrap_or(deadline)), if banner_due.is_some() => {
                 let now = Instant::now();
                 connected.retain(|c| c.banner_by > now);
@@ -272,6 +304,36 @@ mod tests {
         let error = result.expect("the wait ended").unwrap_err();
         assert_eq!(error.waited, waited);
         held.abort();
+    }
+
+    /// A port forward that accepts for a guest whose network is not up (QEMU user networking) holds the first
+    /// connection silent: a later attempt reaches the guest's sshd, long before the first's banner timeout.
+    #[tokio::test]
+    async fn a_connection_that_stays_silent_does_not_hold_the_next_attempt() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let forward = tokio::spawn(async move {
+            let (dead_end, _) = listener.accept().await.unwrap();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let _ = stream.write_all(b"SSH-2.0-guest\r\n").await;
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    drop(stream)
+                });
+            }
+            drop(dead_end);
+        });
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(1),
+            banner: Duration::from_secs(60),
+        };
+        let waited = Duration::from_secs(20);
+        let ready = wait_for_sshd(addr, Instant::now() + waited, waited, timeouts)
+            .await
+            .expect("the guest's sshd answered a later attempt");
+        assert_eq!(ready.received, b"SSH-2.0-guest\r\n");
+        assert!(ready.attempts >= 2);
+        forward.abort();
     }
 
     #[test]
