@@ -129,6 +129,8 @@ pub struct Stats {
     pub woke: bool,
     /// The guard's rule that refused it.
     pub refused_by: Option<&'static str>,
+    /// How the platform gave the VM, when the start API says (`resumed in 397 ms`).
+    pub start_how: Option<String>,
 }
 
 /// The one summary record of a connection: a warning for failures, so that `journalctl -p warning` lists
@@ -145,6 +147,7 @@ pub fn summarize(peer: Option<SocketAddr>, outcome: Outcome, stats: &Stats, dura
         store_error,
         woke,
         refused_by,
+        start_how,
     } = stats;
     let who = peer.map_or("client".to_owned(), |p| p.to_string());
     let message = match (outcome, reason) {
@@ -168,6 +171,7 @@ pub fn summarize(peer: Option<SocketAddr>, outcome: Outcome, stats: &Stats, dura
                 relay_failed = relay_failed.map(Side::as_str),
                 store_error = store_error.as_deref(),
                 refused_by = *refused_by,
+                start_how = start_how.as_deref(),
                 woke = *woke,
                 api_ms = api.map(|d| d.as_millis() as u64),
                 vm_wait_ms = vm_wait.map(|d| d.as_millis() as u64),

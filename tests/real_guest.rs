@@ -81,6 +81,9 @@ fn cold_boot_then_suspend_then_resume_with_a_login_through_the_proxy() {
     let record = api.log.wait_for(LOGIN_LIMIT, |l| {
         l.contains("start answered with the address") && l.contains("HOW=\"resumed\"")
     });
+    // The proxy's record says so too.
+    let summary = proxy.wait_for_summary(2);
+    assert!(summary.contains(r#"start_how="resumed in "#), "{summary}");
     // The same guest, not a new boot: it has been up since before the suspend.
     let uptime = |out: &[u8]| -> f64 {
         let text = String::from_utf8_lossy(out);

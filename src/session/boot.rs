@@ -118,7 +118,7 @@ impl Boot<'_> {
         let started = match (self.known, self.lease) {
             (Some(addr), _) => {
                 info!("relaying a client that waits for the server to its running VM");
-                return Ok(Started { addr, attempts: 0 });
+                return Ok(Started::known(addr));
             }
             (None, None) => call().await,
             (None, Some(lease)) => match timeout_at(self.deadline, lease.start(call())).await {
@@ -136,6 +136,7 @@ impl Boot<'_> {
         stats.api = Some(asked.elapsed());
         let started = started?;
         stats.vm = Some(started.addr);
+        stats.start_how = started.how.as_ref().map(ToString::to_string);
         Span::current().record("vm", field::display(started.addr));
         let api_ms = asked.elapsed().as_millis() as u64;
         if stats.shared_start {

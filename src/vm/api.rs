@@ -29,7 +29,7 @@ use crate::{config::Profile, retry::Backoff, secret::SecretUrl};
 mod answer;
 
 use answer::error_detail;
-pub use answer::{Unusable, parse_answer};
+pub use answer::{How, Unusable, parse_answer};
 
 /// Bigger answers are refused: an address fits in a few dozen bytes, and a runaway body must not eat memory.
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -79,6 +79,19 @@ pub struct StopRequest<'a> {
 pub struct Started {
     pub addr: SocketAddr,
     pub attempts: u32,
+    /// How the platform gave it, if the answer says (booted, resumed…).
+    pub how: Option<How>,
+}
+
+impl Started {
+    /// An address known without asking the API now: another connection's start, or a VM that runs.
+    pub fn known(addr: SocketAddr) -> Started {
+        Started {
+            addr,
+            attempts: 0,
+            how: None,
+        }
+    }
 }
 
 /// Which API a failure is about.
@@ -237,12 +250,18 @@ impl Api {
             deadline,
             budget,
         };
-        let (addr, attempts) = self
+        let ((addr, how), attempts) = self
             .post(call, body, |content_type, body| {
-                parse_answer(content_type, body, self.default_port).map_err(ApiError::BadAnswer)
+                let addr = parse_answer(content_type, body, self.default_port)
+                    .map_err(ApiError::BadAnswer)?;
+                Ok((addr, answer::how(body)))
             })
             .await?;
-        Ok(Started { addr, attempts })
+        Ok(Started {
+            addr,
+            attempts,
+            how,
+        })
     }
 
     /// Asks for the VM to be stopped, retrying outages for at most `budget`. `None` without a `stop_url`.

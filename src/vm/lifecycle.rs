@@ -255,13 +255,7 @@ impl Lease {
                 }
                 Action::Share(vm) => {
                     self.booting.store(true, Ordering::Relaxed);
-                    return Ok((
-                        Ok(Started {
-                            addr: vm,
-                            attempts: 0,
-                        }),
-                        How::Shared,
-                    ));
+                    return Ok((Ok(Started::known(vm)), How::Shared));
                 }
                 Action::ShareFailure(detail) => {
                     return Ok((Err(ApiError::Shared(detail)), How::Shared));

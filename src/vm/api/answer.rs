@@ -106,6 +106,40 @@ pub fn parse_answer(
     }
 }
 
+/// How the platform gave the VM, when the answer says so (the companion API does: `"how": "resumed", "ms":
+/// 397`): for the journal and `status`, never a reason to refuse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct How {
+    /// `booted`, `resumed`, `running`…: one short word.
+    pub how: String,
+    /// The platform's own time for it.
+    pub ms: Option<u64>,
+}
+
+impl std::fmt::Display for How {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.ms {
+            Some(ms) => write!(f, "{} in {ms} ms", self.how),
+            None => f.write_str(&self.how),
+        }
+    }
+}
+
+/// The `how` and `ms` fields of a JSON answer, if it has a plain word for `how`.
+pub fn how(body: &[u8]) -> Option<How> {
+    let answer: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let how = answer.get("how")?.as_str()?;
+    let plain = !how.is_empty()
+        && how.len() <= 16
+        && how
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    plain.then(|| How {
+        how: how.to_owned(),
+        ms: answer.get("ms").and_then(serde_json::Value::as_u64),
+    })
+}
+
 /// `{"vm_ip": "192.168.0.57", "port": 2222}`, other fields ignored. A field of the wrong type is named, with
 /// what it held: the API's author reads this.
 fn json_answer(text: &str, default_port: u16) -> Result<SocketAddr, Unusable> {

@@ -214,3 +214,16 @@ fn only_outages_and_server_errors_are_retried() {
     assert!(!ApiError::TooLarge(start).is_transient());
     assert!(!ApiError::Deadline(start, Duration::from_secs(1)).is_transient());
 }
+
+#[test]
+fn how_the_platform_gave_the_vm_is_read_when_plain() {
+    let how = answer::how(br#"{"vm_ip": "192.0.2.7", "how": "resumed", "ms": 397}"#).unwrap();
+    assert_eq!(how.to_string(), "resumed in 397 ms");
+    assert_eq!(answer::how(br#"{"vm_ip": "192.0.2.7"}"#), None);
+    assert_eq!(
+        answer::how(br#"{"vm_ip": "192.0.2.7", "how": "a long sentence with spaces"}"#),
+        None,
+        "only a word goes into the journal"
+    );
+    assert_eq!(answer::how(b"192.0.2.7"), None);
+}

@@ -86,14 +86,7 @@ async fn a_failed_start_of_a_running_vm_leaves_it_running() {
     let vm: SocketAddr = "192.0.2.7:22".parse().unwrap();
 
     let first = lifecycle.join(&profile, client).await.unwrap();
-    let start = first
-        .start(async {
-            Ok(Started {
-                addr: vm,
-                attempts: 1,
-            })
-        })
-        .await;
+    let start = first.start(async { Ok(Started::known(vm)) }).await;
     assert_eq!((start.result.unwrap().addr, start.how), (vm, How::Woke));
     first.ready(vm).await;
 
