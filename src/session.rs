@@ -460,22 +460,24 @@ impl Connection {
         if let (Some(peer), Some(vm)) = (self.peer, self.stats.vm) {
             ctx.status(&format!("relaying {peer} <-> {vm}"));
         }
-        let relayed = relay::relay(&mut self.client, &mut vm, &self.early, &[]);
+        // Counted as they go: when the daemon closes the session, the relay is dropped, not finished.
+        let counters = relay::Counters::default();
+        let relayed = relay::relay_counted(&mut self.client, &mut vm, &self.early, &[], &counters);
         tokio::select! {
-            (mut transferred, result) = relayed => {
-                transferred.to_client += received.len() as u64;
-                self.stats.transferred = transferred;
+            result = relayed => {
                 if let Err(e) = result {
                     self.stats.reason = Some(format!("relay ended: {e}"));
                     self.stats.relay_failed = Some(e.side);
                 }
             }
             () = ctx.closed() => {
-                self.stats.reason = Some(
-                    "closed: the daemon stopped and its drain_timeout passed (bytes not counted)".to_owned(),
-                );
+                self.stats.reason =
+                    Some("closed: the daemon stopped and its drain_timeout passed".to_owned());
             }
         }
+        let mut transferred = counters.get();
+        transferred.to_client += received.len() as u64;
+        self.stats.transferred = transferred;
         Outcome::Relayed
     }
 
