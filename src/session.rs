@@ -55,6 +55,8 @@ pub struct Context {
     notify_status: bool,
     /// The daemon's: its count of connections waiting for each VM, and its order to close every session.
     daemon: Option<(Arc<Limits>, CancellationToken)>,
+    /// The daemon's listening sockets (see [`Context::own_listeners`]).
+    listening: Vec<SocketAddr>,
 }
 
 impl Context {
@@ -71,20 +73,38 @@ impl Context {
             apis: Mutex::default(),
             notify_status,
             daemon: None,
+            listening: Vec::new(),
         }
     }
 
-    /// The daemon's context: `limits` bound the connections waiting per VM, and cancelling `close` ends every
-    /// session (once the drain timeout has passed).
+    /// The daemon's context: `limits` bound the connections waiting per VM, cancelling `close` ends every
+    /// session (once the drain timeout has passed), and `listening` are its listening sockets.
     pub fn for_daemon(
         config: Arc<Config>,
         store: Store,
         limits: Arc<Limits>,
         close: CancellationToken,
+        listening: Vec<SocketAddr>,
     ) -> Context {
         Context {
             daemon: Some((limits, close)),
+            listening,
             ..Context::with_store(config, store, false)
+        }
+    }
+
+    /// The proxy's own listening sockets, where no answer may send a connection: the daemon's. A
+    /// per-connection process has only its connection, not the socket unit's listener: it knows the port the
+    /// client reached, not whether the listener takes it on one address or, as the shipped unit does, on
+    /// every address. It assumes every address, so a service on the same port of another of this host's
+    /// addresses is refused too.
+    fn own_listeners(&self, local: SocketAddr) -> Vec<SocketAddr> {
+        match self.daemon {
+            Some(_) => self.listening.clone(),
+            None => vec![SocketAddr::new(
+                std::net::Ipv6Addr::UNSPECIFIED.into(),
+                local.port(),
+            )],
         }
     }
 

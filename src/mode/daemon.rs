@@ -86,8 +86,12 @@ pub fn run(cli: &Cli, listen: &[(SocketAddr, Option<String>)]) -> ExitCode {
             StoreConfig::Local => Store::Local(Local::new(&config.state_dir)),
             StoreConfig::Etcd(etcd) => Store::Etcd(Etcd::connect(etcd, true).await?),
         };
-        let daemon = Daemon::new(cli.clone(), config, store);
         let listeners = bind(inherited, listen).await?;
+        let listening = listeners
+            .iter()
+            .map(|l| l.socket.local_addr())
+            .collect::<Result<_, _>>()?;
+        let daemon = Daemon::new(cli.clone(), config, store, listening);
         daemon.serve(listeners).await
     });
     // Idle waits still pending end with the process; the next start's sweep takes them over.
@@ -181,10 +185,12 @@ struct Daemon {
     /// Cancelled once the drain timeout has passed: every session closes.
     close: CancellationToken,
     sessions: TaskTracker,
+    /// The listening sockets' addresses: no start API answer may point back at them.
+    listening: Vec<SocketAddr>,
 }
 
 impl Daemon {
-    fn new(cli: Cli, config: Config, store: Store) -> Arc<Daemon> {
+    fn new(cli: Cli, config: Config, store: Store, listening: Vec<SocketAddr>) -> Arc<Daemon> {
         let limits = Arc::new(Limits::default());
         let close = CancellationToken::new();
         let ctx = Context::for_daemon(
@@ -192,6 +198,7 @@ impl Daemon {
             store.clone(),
             limits.clone(),
             close.clone(),
+            listening.clone(),
         );
         let metrics = Arc::new(Metrics::new(&store));
         Arc::new(Daemon {
@@ -203,6 +210,7 @@ impl Daemon {
             refusing: Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING)),
             close,
             sessions: TaskTracker::new(),
+            listening,
         })
     }
 
@@ -355,6 +363,7 @@ impl Daemon {
                     self.store.clone(),
                     self.limits.clone(),
                     self.close.clone(),
+                    self.listening.clone(),
                 );
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ctx);
                 info!("configuration reloaded; it applies to new connections");
