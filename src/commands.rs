@@ -135,7 +135,7 @@ pub fn sweep(config: Result<Config>) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let ctx = Context::new(config.clone(), false);
+        let ctx = Arc::new(Context::new(config.clone(), false));
         let mut stops = tokio::task::JoinSet::new();
         for due in lifecycle::sweep(&ctx.lifecycle, &config, now_ms()).await {
             let Some(profile) = config.profile_labeled(&due.key().profile) else {
@@ -143,7 +143,8 @@ pub fn sweep(config: Result<Config>) -> ExitCode {
             };
             match ctx.api(profile) {
                 Ok(api) => {
-                    stops.spawn(async move { due.run(&api).await });
+                    let ctx = ctx.clone();
+                    stops.spawn(async move { due.run(api, &*ctx).await });
                 }
                 Err(e) => error!("{e:#}"),
             }

@@ -26,7 +26,7 @@ use crate::{
     report::{self, Outcome, Refusal, Stats},
     vm::{
         api::Api,
-        lifecycle::{IdleWatch, Lease, Lifecycle},
+        lifecycle::{IdleWatch, Lease, Lifecycle, Profiles},
         readiness::Ready,
         store::{Store, local::Local},
     },
@@ -142,6 +142,15 @@ impl Context {
         if self.notify_status {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(text)]);
         }
+    }
+}
+
+/// Its configuration, as it stays: an idle waiter asks the daemon's current context, or the sweep's.
+impl Profiles for Context {
+    fn now(&self, label: &str) -> Option<(Arc<Profile>, Arc<Api>)> {
+        let profile = self.config.profile_labeled(label)?.clone();
+        let api = self.api(&profile).ok()?;
+        Some((profile, api))
     }
 }
 

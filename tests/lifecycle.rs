@@ -195,6 +195,48 @@ both_modes! {
 }
 
 both_modes! {
+    /// A VM already in its idle wait follows a change of idle_timeout (the daemon's after a reload): the
+    /// waiter looks at the configuration again and does not stop it by the old one, and `status` tells the
+    /// same stop time.
+    fn the_idle_wait_follows_a_new_idle_timeout(mode) {
+        let vm = Vm::new();
+        let api = StartApi::lab(&vm, BOOT_TIME);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.toml");
+        let config = |idle: &str| {
+            format!("stop_url = \"{}\"\nidle_timeout = \"{idle}\"\n", api.stop_url())
+        };
+        fs::write(&file, config("3s")).unwrap();
+        let proxy = Proxy::builder_in(mode, &api.url())
+            .config(file.display().to_string())
+            .start();
+        open(&proxy, &vm, "127.0.0.1").close();
+        proxy.log.wait_for(PATIENCE, |l| l.contains(r#"decision="idle""#));
+        fs::write(&file, config("1h")).unwrap();
+        if mode == Mode::Daemon {
+            proxy.signal(rustix::process::Signal::HUP);
+            proxy.log.wait_for(PATIENCE, |l| l.contains("configuration reloaded"));
+        }
+        thread::sleep(Duration::from_secs(6)); // twice the old idle timeout: the time under test
+        assert!(api.requests_to("/stop").is_empty(), "stopped by the old idle_timeout");
+        let output = Command::new(BINARY)
+            .args(["status", "--json"])
+            .arg(format!("--config={}", file.display()))
+            .arg(format!("--state-dir={}", proxy.state_dir.display()))
+            .args(&proxy.args)
+            .output()
+            .unwrap();
+        let status: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let due = status["vms"][0]["stop_due"].as_u64().unwrap_or_else(|| panic!("{status:#}"));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!(due > now + 50 * 60 * 1000, "stop due in {} ms: {status:#}", due - now);
+    }
+}
+
+both_modes! {
     /// A login while the stop call is in flight waits for it, then starts the VM again and gets in.
     fn login_during_a_stop_waits_for_it_then_starts_again(mode) {
         let vm = Vm::new();

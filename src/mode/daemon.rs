@@ -26,13 +26,14 @@ use tracing::{error, info, warn};
 
 use crate::{
     cli::Cli,
-    config::{Config, StoreConfig},
+    config::{Config, Profile, StoreConfig},
     limits::Limits,
     metrics::{self, Metrics},
     report::Outcome,
     session::{self, Context},
     vm::{
-        lifecycle::{self, Due},
+        api::Api,
+        lifecycle::{self, Due, Profiles},
         state::Shown,
         store::{Store, etcd::Etcd, local::Local, now_ms},
     },
@@ -339,8 +340,10 @@ impl Daemon {
             daemon.metrics.set_sessions(daemon.limits.sessions());
             daemon.metrics.session(&report);
             if let Some((watch, api)) = report.idle {
-                let metrics = daemon.metrics.clone();
-                tokio::spawn(async move { metrics.stop(watch.run(&api).await) });
+                tokio::spawn(async move {
+                    let stopped = watch.run(api, &*daemon).await;
+                    daemon.metrics.stop(stopped);
+                });
             }
         });
     }
@@ -387,7 +390,7 @@ impl Daemon {
                 _ = sweep.tick() => {
                     let ctx = self.current();
                     let watches = lifecycle::sweep(&ctx.lifecycle, &ctx.config, u64::MAX).await;
-                    self.run_due(&ctx, watches);
+                    Daemon::run_due(&self, &ctx, watches);
                 }
                 Some(change) = async { changes.as_mut()?.recv().await } => {
                     let ctx = self.current();
@@ -395,7 +398,7 @@ impl Daemon {
                         Some(key) => lifecycle::sweep_one(&ctx.lifecycle, &ctx.config, &key).await.into_iter().collect(),
                         None => lifecycle::sweep(&ctx.lifecycle, &ctx.config, u64::MAX).await,
                     };
-                    self.run_due(&ctx, watches);
+                    Daemon::run_due(&self, &ctx, watches);
                 }
                 _ = status.tick() => {
                     let text = self.status_text().await;
@@ -406,17 +409,17 @@ impl Daemon {
     }
 
     /// Runs what the sweep found due: idle waits, and starts ahead of logins.
-    fn run_due(&self, ctx: &Context, due: Vec<Due>) {
+    fn run_due(self: &Arc<Self>, ctx: &Context, due: Vec<Due>) {
         for due in due {
             let Some(profile) = ctx.config.profile_labeled(&due.key().profile) else {
                 continue;
             };
             match ctx.api(profile) {
                 Ok(api) => {
-                    let metrics = self.metrics.clone();
+                    let daemon = self.clone();
                     tokio::spawn(async move {
-                        if let Some(stopped) = due.run(&api).await {
-                            metrics.stop(stopped);
+                        if let Some(stopped) = due.run(api, &*daemon).await {
+                            daemon.metrics.stop(stopped);
                         }
                     });
                 }
@@ -469,6 +472,13 @@ impl Daemon {
             self.close.cancel();
             let _ = timeout(CLOSE_GRACE, self.sessions.wait()).await;
         }
+    }
+}
+
+/// An idle wait follows reloads: its profile as the configuration now has it.
+impl Profiles for Daemon {
+    fn now(&self, label: &str) -> Option<(Arc<Profile>, Arc<Api>)> {
+        self.current().now(label)
     }
 }
 

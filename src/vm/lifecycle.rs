@@ -416,6 +416,6 @@ mod sweep;
 mod tests;
 mod wake;
 
-pub use idle::{IdleWatch, Stopped};
+pub use idle::{IdleWatch, Profiles, Stopped};
 pub use sweep::{Due, sweep, sweep_one};
 pub use wake::PreWake;
