@@ -184,6 +184,9 @@ both_modes! {
         open(&proxy, &vm, "127.0.0.1").close();
         proxy.log.wait_for(PATIENCE, |l| l.contains(r#"decision="idle""#));
         let second = open(&proxy, &vm, "127.0.0.1");
+        // The login says at once that it called the stop off, not only the waiter when it wakes.
+        let kept = proxy.log.wait_for(PATIENCE, |l| l.contains(r#"decision="kept""#));
+        assert!(kept.contains("a login came during the idle wait"), "{kept}");
         thread::sleep(IDLE * 2); // past the first logout's stop time
         assert!(api.requests_to("/stop").is_empty(), "stopped under a live session");
         let logout = second.close();
