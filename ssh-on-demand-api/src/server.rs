@@ -108,20 +108,27 @@ async fn start(State(app): State<Arc<App>>, body: Bytes) -> Response {
         .client_addr
         .map(|a| a.to_string())
         .unwrap_or_default();
+    // The profile names the request in the message too: `journalctl -t ssh-on-demand-api` shows no fields.
+    let name = profile.unwrap_or(crate::config::DEFAULT_PROFILE);
     tracing::info!(
         PROFILE = profile,
         CLIENT_ADDR = client,
         CLIENT_PORT = request.client_port,
-        "start requested"
+        "profile {name}: start requested for {}",
+        if client.is_empty() {
+            "no client"
+        } else {
+            &client
+        }
     );
     match app.vms.start(profile, request.client_addr).await {
         Ok(started) => {
-            tracing::info!(PROFILE = profile, CLIENT_ADDR = client, VM_IP = %started.ip, "start answered");
+            tracing::info!(PROFILE = profile, CLIENT_ADDR = client, VM_IP = %started.ip, "profile {name}: start answered {}", started.ip);
             Json(serde_json::json!({ "vm_ip": started.ip.to_string(), "port": started.port }))
                 .into_response()
         }
         Err(why) => {
-            tracing::warn!(PROFILE = profile, CLIENT_ADDR = client, status = %why.status(), "start refused: {why}");
+            tracing::warn!(PROFILE = profile, CLIENT_ADDR = client, status = %why.status(), "profile {name}: start refused: {why}");
             why.into_response()
         }
     }
@@ -134,11 +141,12 @@ async fn stop(State(app): State<Arc<App>>, body: Bytes) -> Response {
     };
     let profile = request.profile.as_deref();
     let vm_ip = request.vm_ip.map(|a| a.to_string()).unwrap_or_default();
+    let name = profile.unwrap_or(crate::config::DEFAULT_PROFILE);
     tracing::info!(
         PROFILE = profile,
         VM_IP = vm_ip,
         IDLE_SECONDS = request.idle_seconds,
-        "stop requested"
+        "profile {name}: stop requested for {vm_ip}"
     );
     match app
         .vms
@@ -154,7 +162,7 @@ async fn stop(State(app): State<Arc<App>>, body: Bytes) -> Response {
         )
             .into_response(),
         Err(why) => {
-            tracing::warn!(PROFILE = profile, VM_IP = vm_ip, status = %why.status(), "stop refused: {why}");
+            tracing::warn!(PROFILE = profile, VM_IP = vm_ip, status = %why.status(), "profile {name}: stop refused: {why}");
             why.into_response()
         }
     }

@@ -116,7 +116,8 @@ impl Vms {
                     tracing::info!(
                         PROFILE = name,
                         VM = target.vm,
-                        "joining the start already under way"
+                        "{}: joining the start already under way",
+                        target.vm
                     );
                     run.clone()
                 }
@@ -145,14 +146,14 @@ impl Vms {
             let result = start_vm(&backend, &vm, address_timeout).await;
             match &result {
                 Ok(ip) => {
-                    tracing::info!(BACKEND = backend_name, VM = vm, %ip, "start answered with the address");
+                    tracing::info!(BACKEND = backend_name, VM = vm, %ip, "{vm}: start answered with the address {ip}");
                     *slot
                         .last_address
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner) = Some(*ip);
                 }
                 Err(why) => {
-                    tracing::warn!(BACKEND = backend_name, VM = vm, status = %why.status(), "start failed: {why}")
+                    tracing::warn!(BACKEND = backend_name, VM = vm, status = %why.status(), "{vm}: start failed: {why}")
                 }
             }
             *slot.start.lock().unwrap_or_else(PoisonError::into_inner) = None;
@@ -269,10 +270,10 @@ async fn start_vm(
     let power = backend.power(vm).await?;
     match power {
         Power::Running | Power::Starting => {
-            tracing::info!(VM = vm, power = %power, "already {power}; asking for its address");
+            tracing::info!(VM = vm, power = %power, "{vm}: already {power}; asking for its address");
         }
         Power::Stopping => {
-            tracing::info!(VM = vm, "still stopping; starting it once it is off");
+            tracing::info!(VM = vm, "{vm}: still stopping; starting it once it is off");
             wait_for_off(backend, vm, deadline).await?;
             return start_and_find(backend, vm, deadline).await;
         }
@@ -284,11 +285,11 @@ async fn start_vm(
 }
 
 async fn start_and_find(backend: &Backend, vm: &str, deadline: Instant) -> Result<IpAddr, Failure> {
-    tracing::info!(VM = vm, backend = backend.kind(), "starting");
+    tracing::info!(VM = vm, backend = backend.kind(), "{vm}: starting");
     if let Some(ip) = backend.start(vm).await? {
         return Ok(ip);
     }
-    tracing::info!(VM = vm, "started; waiting for its address");
+    tracing::info!(VM = vm, "{vm}: started; waiting for its address");
     find_address(backend, vm, deadline).await
 }
 
@@ -309,7 +310,7 @@ async fn find_address(backend: &Backend, vm: &str, deadline: Instant) -> Result<
                 humantime::format_duration(round(started.elapsed()))
             )));
         }
-        tracing::debug!(VM = vm, "no address yet: {why}");
+        tracing::debug!(VM = vm, "{vm}: no address yet: {why}");
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(2));
     }
@@ -342,7 +343,7 @@ async fn stop_vm(
         tracing::warn!(
             BACKEND = backend_name,
             VM = vm,
-            "stop: refused, no stop or kill command is configured"
+            "{vm}: stop refused, no stop or kill command is configured"
         );
         let _ = answer.send(Err(Failure::Refused(
             "no stop command is configured".into(),
@@ -355,14 +356,14 @@ async fn stop_vm(
             tracing::warn!(
                 BACKEND = backend_name,
                 VM = vm,
-                "stop: cannot tell its state: {why}"
+                "{vm}: stop: cannot tell its state: {why}"
             );
             let _ = answer.send(Err(why));
             return;
         }
     };
     if power == Power::Off {
-        tracing::info!(BACKEND = backend_name, VM = vm, "stop: already off");
+        tracing::info!(BACKEND = backend_name, VM = vm, "{vm}: stop: already off");
         let _ = answer.send(Ok(Stopped::AlreadyOff));
         return;
     }
@@ -374,13 +375,13 @@ async fn stop_vm(
         let _ = answer.send(Ok(Stopped::Stopping));
     }
     let deadline = Instant::now() + stop_timeout;
-    tracing::info!(BACKEND = backend_name, VM = vm, power = %power, "stop: graceful shutdown");
+    tracing::info!(BACKEND = backend_name, VM = vm, power = %power, "{vm}: stop: graceful shutdown");
     let graceful = backend.shutdown(vm, stop_timeout).await;
     if let Err(why) = &graceful {
         tracing::warn!(
             BACKEND = backend_name,
             VM = vm,
-            "stop: graceful shutdown failed: {why}"
+            "{vm}: stop: graceful shutdown failed: {why}"
         );
     } else if let Some(answer) = answer.take() {
         let _ = answer.send(Ok(Stopped::Stopping));
@@ -395,23 +396,27 @@ async fn stop_vm(
         tracing::info!(
             BACKEND = backend_name,
             VM = vm,
-            "stop: off after a graceful shutdown"
+            "{vm}: stop: off after a graceful shutdown"
         );
         return;
     }
-    tracing::warn!(BACKEND = backend_name, VM = vm, "stop: forcing it off");
+    tracing::warn!(
+        BACKEND = backend_name,
+        VM = vm,
+        "{vm}: stop: forcing it off"
+    );
     let forced = backend.force_off(vm).await;
     match &forced {
-        Ok(true) => tracing::info!(BACKEND = backend_name, VM = vm, "stop: forced off"),
+        Ok(true) => tracing::info!(BACKEND = backend_name, VM = vm, "{vm}: stop: forced off"),
         Ok(false) => tracing::warn!(
             BACKEND = backend_name,
             VM = vm,
-            "stop: no way to force it off is configured"
+            "{vm}: stop: no way to force it off is configured"
         ),
         Err(why) => tracing::error!(
             BACKEND = backend_name,
             VM = vm,
-            "stop: forcing it off failed: {why}"
+            "{vm}: stop: forcing it off failed: {why}"
         ),
     }
     if let Some(answer) = answer.take() {

@@ -63,12 +63,12 @@ fn start_boots_the_domain_once_and_answers_its_lease_address() {
     for reply in &replies {
         assert_eq!(reply.vm_ip(), ip);
     }
-    assert_eq!(api.count("vms: starting"), 1);
+    assert_eq!(api.count("vms: dev: starting"), 1);
 
     // Running now: the address at once, no second start.
     assert_eq!(api.start_vm("lab").vm_ip(), ip);
     assert!(api.count("already running") >= 1);
-    assert_eq!(api.count("vms: starting"), 1);
+    assert_eq!(api.count("vms: dev: starting"), 1);
 }
 
 #[test]
@@ -103,5 +103,5 @@ fn stop_shuts_the_domain_down_and_the_next_start_boots_it_again() {
         (200, Some("off"))
     );
     api.start_vm("lab").vm_ip();
-    assert_eq!(api.count("vms: starting"), 2);
+    assert_eq!(api.count("vms: dev: starting"), 2);
 }
