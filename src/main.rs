@@ -35,9 +35,11 @@ fn main() -> ExitCode {
         Some(Command::Daemon { listen }) => mode::daemon::run(&cli, listen),
         Some(Command::Status { json }) => commands::status(&cli, *json),
         Some(Command::Sweep) => commands::sweep(Config::load(&cli)),
-        Some(Command::CheckConfig) => match commands::check_config(&cli) {
+        Some(Command::CheckConfig { quiet }) => match commands::check_config(&cli) {
             Ok(report) => {
-                let _ = std::io::stdout().write_all(report.as_bytes());
+                if !quiet {
+                    let _ = std::io::stdout().write_all(report.as_bytes());
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

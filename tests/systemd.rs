@@ -485,8 +485,8 @@ fn watchdog_is_pinged(container: &Container, unit: &str) {
     });
 }
 
-/// `systemctl reload`: a good file applies to new connections; a broken one is refused, logged, and the old
-/// one stays in use.
+/// `systemctl reload`: a good file applies to new connections; a broken one fails the reload (the unit's
+/// `ExecReload=` checks it first) with the reason in the journal, and the old one stays in use.
 fn reload(container: &Container, host: &Host, unit: &str) {
     let file = container.root().join("etc/ssh-on-demand/config.toml");
     let pid = show(container, unit, "MainPID");
@@ -500,11 +500,17 @@ fn reload(container: &Container, host: &Host, unit: &str) {
         journal_says(container, unit, "configuration reloaded")
     });
     fs::write(&file, "api_url = 5\n").unwrap();
-    container.run_ok("systemctl", &["reload", unit]);
-    let refused = wait_for("the refused reload's record", PATIENCE, || {
-        journal_says(container, unit, "configuration not reloaded")
+    let refused = container.run("systemctl", &["reload", unit]);
+    assert!(!refused.status.success(), "a broken file was reloaded");
+    let said = wait_for("the refused reload's record", PATIENCE, || {
+        journal_says(container, unit, "error: ")
     });
-    assert_eq!(field(&refused, "PRIORITY"), "3");
+    assert!(field(&said, "MESSAGE").contains("api_url"), "{said}");
+    fs::write(
+        &file,
+        config(host, "drain_timeout = \"2s\"\nboot_timeout = \"90s\"\n"),
+    )
+    .unwrap();
     assert_eq!(
         show(container, unit, "MainPID"),
         pid,
