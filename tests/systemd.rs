@@ -538,6 +538,19 @@ fn drain_on_stop(container: &Container, host: &Host, unit: &str) {
     assert_eq!(show(container, unit, "ActiveState"), "inactive");
     assert_eq!(show(container, unit, "Result"), "success");
     journal_says(container, unit, "closing the sessions left").unwrap();
+    // The closed session's summary counts what it relayed, though its relay was cut short.
+    let closed = container
+        .journal(&[&summary_match(), "OUTCOME=relayed"])
+        .into_iter()
+        .rev()
+        .find(|r| {
+            r["REASON"]
+                .as_str()
+                .is_some_and(|r| r.contains("drain_timeout"))
+        })
+        .expect("the closed session's summary");
+    assert!(number(&closed, "BYTES_TO_VM") > 0, "{closed}");
+    assert!(number(&closed, "BYTES_TO_CLIENT") > 0, "{closed}");
 }
 
 fn skipped(why: &str) {
