@@ -1,6 +1,7 @@
 //! The libvirt backend against libvirt's own test driver (`test:///…/node.xml`): an in-process fake
 //! hypervisor from the libvirt library itself. Its network hands out DHCP addresses from a 127.x.y.0/24
 //! range, so every address the companion answers is a loopback address.
+#![cfg(feature = "libvirt")]
 
 mod common;
 
