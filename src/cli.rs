@@ -79,7 +79,11 @@ pub enum Command {
     /// Stop VMs left idle by a process that died (the units run it every minute); changes nothing else
     Sweep,
     /// Validate the configuration and print the effective settings, secrets masked; exit 1 on any error
-    CheckConfig,
+    CheckConfig {
+        /// Print nothing unless there is an error (the daemon's unit checks the file this way before a reload)
+        #[arg(long, short)]
+        quiet: bool,
+    },
 }
 
 fn parse_listen(text: &str) -> Result<(SocketAddr, Option<String>), String> {

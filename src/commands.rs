@@ -49,9 +49,11 @@ pub fn status(cli: &Cli, json: bool) -> ExitCode {
         .and_then(|runtime| {
             runtime.block_on(async {
                 let (store, name) = open_for_reading(&store_config, &state_dir).await?;
+                // The units' DynamicUser= keeps the state in /run/private, which only root may enter.
                 let unreadable = |e: StoreError| match &e {
                     StoreError::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => format!(
-                        "reading {name}: {e}; status needs root (or the ssh-on-demand service's user)"
+                        "reading {name}: {e}: only root may read the service's state; run it as root \
+                         (sudo ssh-on-demand status)"
                     ),
                     _ => format!("reading {name}: {e}"),
                 };
@@ -77,7 +79,8 @@ pub fn status(cli: &Cli, json: bool) -> ExitCode {
     let report = match result {
         Ok(report) => report,
         Err(e) => {
-            error!("{e}");
+            // Run by hand: one plain line on the terminal, as check-config's, not a log record.
+            let _ = writeln!(std::io::stderr(), "ssh-on-demand status: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -135,7 +138,7 @@ pub fn sweep(config: Result<Config>) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let ctx = Context::new(config.clone(), false);
+        let ctx = Arc::new(Context::new(config.clone(), false));
         let mut stops = tokio::task::JoinSet::new();
         for due in lifecycle::sweep(&ctx.lifecycle, &config, now_ms()).await {
             let Some(profile) = config.profile_labeled(&due.key().profile) else {
@@ -143,7 +146,8 @@ pub fn sweep(config: Result<Config>) -> ExitCode {
             };
             match ctx.api(profile) {
                 Ok(api) => {
-                    stops.spawn(async move { due.run(&api).await });
+                    let ctx = ctx.clone();
+                    stops.spawn(async move { due.run(api, &*ctx).await });
                 }
                 Err(e) => error!("{e:#}"),
             }

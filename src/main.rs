@@ -21,7 +21,7 @@ fn main() -> ExitCode {
             // Started for a connection by a unit whose command line is wrong: log why, and tell the client.
             let _ = logging::init(LogTarget::Auto, LevelFilter::INFO, stdio.stderr_usable);
             let error = anyhow::anyhow!("invalid command line: {}", e.render());
-            return mode::activated::serve(Err(error));
+            return mode::activated::serve(Err(error), None);
         }
     };
     if let Err(e) = logging::init(cli.log_target, cli.log_level, stdio.stderr_usable) {
@@ -31,13 +31,15 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     match &cli.command {
-        None => mode::activated::serve(Config::load(&cli)),
+        None => mode::activated::serve(Config::load(&cli), Some(&cli)),
         Some(Command::Daemon { listen }) => mode::daemon::run(&cli, listen),
         Some(Command::Status { json }) => commands::status(&cli, *json),
         Some(Command::Sweep) => commands::sweep(Config::load(&cli)),
-        Some(Command::CheckConfig) => match commands::check_config(&cli) {
+        Some(Command::CheckConfig { quiet }) => match commands::check_config(&cli) {
             Ok(report) => {
-                let _ = std::io::stdout().write_all(report.as_bytes());
+                if !quiet {
+                    let _ = std::io::stdout().write_all(report.as_bytes());
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -5,7 +5,12 @@
 //! reading into a buffer and writing it out again. Where splice is not available, a copy loop does the same
 //! job.
 
-use std::{io, net::Shutdown, time::Duration};
+use std::{
+    io,
+    net::Shutdown,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
@@ -84,6 +89,24 @@ pub struct Transferred {
     pub to_client: u64,
 }
 
+/// Bytes handed to each receiving socket so far, counted as the relay goes: a relay that is dropped (the
+/// daemon closing its sessions after `drain_timeout`) has moved bytes all the same, and its summary says how
+/// many.
+#[derive(Debug, Default)]
+pub struct Counters {
+    to_vm: AtomicU64,
+    to_client: AtomicU64,
+}
+
+impl Counters {
+    pub fn get(&self) -> Transferred {
+        Transferred {
+            to_vm: self.to_vm.load(Ordering::Relaxed),
+            to_client: self.to_client.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// Relays until both directions reached EOF, or until either fails. `to_vm` and `to_client` are bytes read
 /// before the relay began (the client's and the VM's identification lines) and go first. The counts are kept
 /// even when the relay ends in an error: they are the bytes handed to the receiving socket.
@@ -93,27 +116,39 @@ pub async fn relay(
     to_vm: &[u8],
     to_client: &[u8],
 ) -> (Transferred, Result<(), RelayError>) {
+    let counters = Counters::default();
+    let result = relay_counted(client, vm, to_vm, to_client, &counters).await;
+    (counters.get(), result)
+}
+
+/// [`relay`], counting into `counters`, which stay readable if this future is dropped before it ends.
+pub async fn relay_counted(
+    client: &mut TcpStream,
+    vm: &mut TcpStream,
+    to_vm: &[u8],
+    to_client: &[u8],
+    counters: &Counters,
+) -> Result<(), RelayError> {
     tune(client, None);
     let vm_keepalive = TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_PROBES);
     tune(vm, Some(&vm_keepalive));
-    let mut transferred = Transferred::default();
     let (client, vm) = (&*client, &*vm);
-    let result = tokio::try_join!(
+    tokio::try_join!(
         async {
-            one_way(to_vm, client, vm, &mut transferred.to_vm)
+            one_way(to_vm, client, vm, &counters.to_vm)
                 .await
                 .map_err(|e| e.on(Side::Client, Side::Vm))
         },
         async {
-            one_way(to_client, vm, client, &mut transferred.to_client)
+            one_way(to_client, vm, client, &counters.to_client)
                 .await
                 .map_err(|e| e.on(Side::Vm, Side::Client))
         },
-    );
-    (transferred, result.map(|_| ()))
+    )
+    .map(|_| ())
 }
 
 /// One direction. At EOF it shuts down the writing side (a half-close) and returns, while the other
@@ -122,7 +157,7 @@ async fn one_way(
     first: &[u8],
     from: &TcpStream,
     to: &TcpStream,
-    count: &mut u64,
+    count: &AtomicU64,
 ) -> Result<(), Failed> {
     write_all(to, first, count).await?;
     #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -138,7 +173,7 @@ async fn one_way(
 }
 
 /// The portable way: read into a buffer, write it out.
-async fn copy(from: &TcpStream, to: &TcpStream, count: &mut u64) -> Result<(), Failed> {
+async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64) -> Result<(), Failed> {
     let mut buf = vec![0u8; BUFFER_SIZE];
     loop {
         from.readable().await.map_err(Failed::Reading)?;
@@ -155,14 +190,14 @@ async fn copy(from: &TcpStream, to: &TcpStream, count: &mut u64) -> Result<(), F
     }
 }
 
-async fn write_all(to: &TcpStream, mut data: &[u8], count: &mut u64) -> Result<(), Failed> {
+async fn write_all(to: &TcpStream, mut data: &[u8], count: &AtomicU64) -> Result<(), Failed> {
     while !data.is_empty() {
         to.writable().await.map_err(Failed::Writing)?;
         match to.try_write(data) {
             Ok(0) => return Err(Failed::Writing(io::ErrorKind::WriteZero.into())),
             Ok(n) => {
                 data = &data[n..];
-                *count += n as u64;
+                count.fetch_add(n as u64, Ordering::Relaxed);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(Failed::Writing(e)),
@@ -220,6 +255,7 @@ mod splice {
     use std::{
         io::{self, Read},
         os::fd::OwnedFd,
+        sync::atomic::{AtomicU64, Ordering},
     };
 
     use rustix::{
@@ -274,7 +310,7 @@ mod splice {
     pub(super) async fn pump(
         from: &TcpStream,
         to: &TcpStream,
-        count: &mut u64,
+        count: &AtomicU64,
     ) -> Result<bool, Failed> {
         // Out of file descriptors, say: copying needs none.
 
@@ -340,7 +376,7 @@ mod splice {
                 match emptied {
                     Ok(n) => {
                         pipe.full -= n;
-                        *count += n as u64;
+                        count.fetch_add(n as u64, Ordering::Relaxed);
                         pipe_maybe_full = false;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -359,7 +395,7 @@ mod splice {
     }
 
     /// Writes out what is still in the pipe, so that the copy loop can take over without losing a byte.
-    async fn give_up(pipe: Pipe, to: &TcpStream, count: &mut u64) -> Result<bool, Failed> {
+    async fn give_up(pipe: Pipe, to: &TcpStream, count: &AtomicU64) -> Result<bool, Failed> {
         let mut left = vec![0u8; pipe.full];
         std::fs::File::from(pipe.read)
             .read_exact(&mut left)

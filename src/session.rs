@@ -26,7 +26,7 @@ use crate::{
     report::{self, Outcome, Refusal, Stats},
     vm::{
         api::Api,
-        lifecycle::{IdleWatch, Lease, Lifecycle},
+        lifecycle::{IdleWatch, Lease, Lifecycle, Profiles},
         readiness::Ready,
         store::{Store, local::Local},
     },
@@ -55,6 +55,8 @@ pub struct Context {
     notify_status: bool,
     /// The daemon's: its count of connections waiting for each VM, and its order to close every session.
     daemon: Option<(Arc<Limits>, CancellationToken)>,
+    /// The daemon's listening sockets (see [`Context::own_listeners`]).
+    listening: Vec<SocketAddr>,
 }
 
 impl Context {
@@ -71,20 +73,38 @@ impl Context {
             apis: Mutex::default(),
             notify_status,
             daemon: None,
+            listening: Vec::new(),
         }
     }
 
-    /// The daemon's context: `limits` bound the connections waiting per VM, and cancelling `close` ends every
-    /// session (once the drain timeout has passed).
+    /// The daemon's context: `limits` bound the connections waiting per VM, cancelling `close` ends every
+    /// session (once the drain timeout has passed), and `listening` are its listening sockets.
     pub fn for_daemon(
         config: Arc<Config>,
         store: Store,
         limits: Arc<Limits>,
         close: CancellationToken,
+        listening: Vec<SocketAddr>,
     ) -> Context {
         Context {
             daemon: Some((limits, close)),
+            listening,
             ..Context::with_store(config, store, false)
+        }
+    }
+
+    /// The proxy's own listening sockets, where no answer may send a connection: the daemon's. A
+    /// per-connection process has only its connection, not the socket unit's listener: it knows the port the
+    /// client reached, not whether the listener takes it on one address or, as the shipped unit does, on
+    /// every address. It assumes every address, so a service on the same port of another of this host's
+    /// addresses is refused too.
+    fn own_listeners(&self, local: SocketAddr) -> Vec<SocketAddr> {
+        match self.daemon {
+            Some(_) => self.listening.clone(),
+            None => vec![SocketAddr::new(
+                std::net::Ipv6Addr::UNSPECIFIED.into(),
+                local.port(),
+            )],
         }
     }
 
@@ -122,6 +142,15 @@ impl Context {
         if self.notify_status {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(text)]);
         }
+    }
+}
+
+/// Its configuration, as it stays: an idle waiter asks the daemon's current context, or the sweep's.
+impl Profiles for Context {
+    fn now(&self, label: &str) -> Option<(Arc<Profile>, Arc<Api>)> {
+        let profile = self.config.profile_labeled(label)?.clone();
+        let api = self.api(&profile).ok()?;
+        Some((profile, api))
     }
 }
 
@@ -460,22 +489,24 @@ impl Connection {
         if let (Some(peer), Some(vm)) = (self.peer, self.stats.vm) {
             ctx.status(&format!("relaying {peer} <-> {vm}"));
         }
-        let relayed = relay::relay(&mut self.client, &mut vm, &self.early, &[]);
+        // Counted as they go: when the daemon closes the session, the relay is dropped, not finished.
+        let counters = relay::Counters::default();
+        let relayed = relay::relay_counted(&mut self.client, &mut vm, &self.early, &[], &counters);
         tokio::select! {
-            (mut transferred, result) = relayed => {
-                transferred.to_client += received.len() as u64;
-                self.stats.transferred = transferred;
+            result = relayed => {
                 if let Err(e) = result {
                     self.stats.reason = Some(format!("relay ended: {e}"));
                     self.stats.relay_failed = Some(e.side);
                 }
             }
             () = ctx.closed() => {
-                self.stats.reason = Some(
-                    "closed: the daemon stopped and its drain_timeout passed (bytes not counted)".to_owned(),
-                );
+                self.stats.reason =
+                    Some("closed: the daemon stopped and its drain_timeout passed".to_owned());
             }
         }
+        let mut transferred = counters.get();
+        transferred.to_client += received.len() as u64;
+        self.stats.transferred = transferred;
         Outcome::Relayed
     }
 

@@ -4,6 +4,7 @@ mod common;
 
 use std::{
     fs,
+    os::unix::fs::PermissionsExt,
     path::Path,
     process::{Command, Output, Stdio},
 };
@@ -188,4 +189,34 @@ fn run_by_hand_it_explains_what_it_is_for() {
         "{error}"
     );
     assert!(error.contains("Accept=yes"), "{error}");
+}
+
+/// `status` as a user other than root, against a state directory only root may enter (as the units' is): one
+/// plain line that says it needs root.
+#[test]
+fn status_as_another_user_says_it_needs_root() {
+    common::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    fs::create_dir(&state).unwrap();
+    // The test's own directory is the root's only; nobody must reach the binary and the state's parent.
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
+    let output = Command::new("runuser")
+        .args(["-u", "nobody", "--", BINARY, "status", "--config=/dev/null"])
+        .arg("--api-url=http://127.0.0.1:9/start")
+        .arg(format!("--state-dir={}", state.display()))
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running runuser (util-linux)");
+    assert_eq!(output.status.code(), Some(1));
+    let error = text(&output.stderr);
+    assert!(
+        error.starts_with("ssh-on-demand status: reading ")
+            && error.contains("only root may read the service's state; run it as root")
+            && error.lines().count() == 1,
+        "{error}"
+    );
 }

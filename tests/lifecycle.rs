@@ -183,6 +183,9 @@ both_modes! {
         open(&proxy, &vm, "127.0.0.1").close();
         proxy.log.wait_for(PATIENCE, |l| l.contains(r#"decision="idle""#));
         let second = open(&proxy, &vm, "127.0.0.1");
+        // The login says at once that it called the stop off, not only the waiter when it wakes.
+        let kept = proxy.log.wait_for(PATIENCE, |l| l.contains(r#"decision="kept""#));
+        assert!(kept.contains("a login came during the idle wait"), "{kept}");
         thread::sleep(IDLE * 2); // past the first logout's stop time
         assert!(api.requests_to("/stop").is_empty(), "stopped under a live session");
         let logout = second.close();
@@ -190,6 +193,48 @@ both_modes! {
         assert!(stops[0].at.duration_since(logout) >= IDLE);
         proxy.log.wait_for(PATIENCE, |l| l.contains(r#"decision="stopped""#));
         assert_eq!(api.requests_to("/stop").len(), 1);
+    }
+}
+
+both_modes! {
+    /// A VM already in its idle wait follows a change of idle_timeout (the daemon's after a reload): the
+    /// waiter looks at the configuration again and does not stop it by the old one, and `status` tells the
+    /// same stop time.
+    fn the_idle_wait_follows_a_new_idle_timeout(mode) {
+        let vm = Vm::new();
+        let api = StartApi::lab(&vm, BOOT_TIME);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.toml");
+        let config = |idle: &str| {
+            format!("stop_url = \"{}\"\nidle_timeout = \"{idle}\"\n", api.stop_url())
+        };
+        fs::write(&file, config("3s")).unwrap();
+        let proxy = Proxy::builder_in(mode, &api.url())
+            .config(file.display().to_string())
+            .start();
+        open(&proxy, &vm, "127.0.0.1").close();
+        proxy.log.wait_for(PATIENCE, |l| l.contains(r#"decision="idle""#));
+        fs::write(&file, config("1h")).unwrap();
+        if mode == Mode::Daemon {
+            proxy.signal(rustix::process::Signal::HUP);
+            proxy.log.wait_for(PATIENCE, |l| l.contains("configuration reloaded"));
+        }
+        thread::sleep(Duration::from_secs(6)); // twice the old idle timeout: the time under test
+        assert!(api.requests_to("/stop").is_empty(), "stopped by the old idle_timeout");
+        let output = Command::new(BINARY)
+            .args(["status", "--json"])
+            .arg(format!("--config={}", file.display()))
+            .arg(format!("--state-dir={}", proxy.state_dir.display()))
+            .args(&proxy.args)
+            .output()
+            .unwrap();
+        let status: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let due = status["vms"][0]["stop_due"].as_u64().unwrap_or_else(|| panic!("{status:#}"));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!(due > now + 50 * 60 * 1000, "stop due in {} ms: {status:#}", due - now);
     }
 }
 

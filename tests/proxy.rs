@@ -624,6 +624,47 @@ both_modes! {
         );
     }
 
+    /// An answer that points at the proxy's own listening socket (its address and port, as JSON or text,
+    /// IPv4-mapped on a dual-stack socket) is refused at once, not relayed to itself until the boot deadline,
+    /// even with loopback allowed in vm_networks.
+    fn answers_pointing_at_the_proxy_itself_are_refused_at_once(mode) {
+        for dual_stack in [false, true] {
+            let port = Arc::new(std::sync::OnceLock::<u16>::new());
+            let api = {
+                let port = port.clone();
+                StartApi::serve(move |_| {
+                    let port = *port.get().expect("the proxy listens before anyone logs in");
+                    match dual_stack {
+                        false => Answer::json(json!({ "vm_ip": "127.0.0.1", "port": port })),
+                        true => Answer::text(format!("[::ffff:127.0.0.1]:{port}")),
+                    }
+                })
+            };
+            let mut builder = Proxy::builder_in(mode, &api.url());
+            if dual_stack {
+                builder = builder.dual_stack();
+            }
+            let proxy = builder.start();
+            port.set(proxy.addr.port()).unwrap();
+            let asked = Instant::now();
+            let seen = refused_login(&proxy);
+            assert!(
+                seen.contains(&format!(
+                    "VM failed to start: the start API answered {}, whose port {} is where ssh-on-demand \
+                     itself listens on this host",
+                    if dual_stack { "::ffff:127.0.0.1" } else { "127.0.0.1" },
+                    proxy.addr.port()
+                )),
+                "{seen}"
+            );
+            // At once: not after the client banner timeout of a second instance (3 s), nor the boot deadline.
+            assert!(asked.elapsed() < Duration::from_secs(3), "{:?}", asked.elapsed());
+            let summary = proxy.wait_for_summary(1);
+            assert!(summary.contains(r#"outcome="api_failed""#), "{summary}");
+            assert_eq!(proxy.summaries().len(), 1, "{:#?}", proxy.summaries());
+        }
+    }
+
     /// Linux connects 0.0.0.0 to this host, and ::ffff:0.0.0.0 too: such an answer, as JSON or text, reaches
     /// nothing on this host (here a listener on its loopback stands for its own sshd), not even with every
     /// network listed, and the user reads why.

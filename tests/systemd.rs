@@ -3,7 +3,8 @@
 //! then used from the host, once with the per-connection units and once with the daemon's: logins through
 //! the sockets to two profiles' VMs (real sshd started by real start APIs), a burst that makes one start call,
 //! the idle stop, `ssh-on-demand status`, the journal's records, `systemctl status`, reload and drain, and
-//! systemd-analyze on the installed units.
+//! systemd-analyze on the installed units. And both packages, the proxy's and the companion's, on a stock
+//! server as docs/first-login.md walks it, run as written, and the switch between the modes both ways.
 
 mod common;
 
@@ -24,7 +25,7 @@ use clap::Args;
 use common::{
     PATIENCE,
     api::{Answer, StartApi},
-    container::{self, Container, wait_for},
+    container::{self, Container, Network, wait_for},
     log::Log,
     ssh::{Session, assert_echo, run, ssh},
     vm::Vm,
@@ -97,6 +98,314 @@ fn daemon_units_under_real_systemd() {
     refused_login(&container, &host);
     reload(&container, &host, unit);
     drain_on_stop(&container, &host, unit);
+}
+
+/// docs/first-login.md as a new user follows it: a fresh Debian 12 with its own sshd on port 22 (on a network
+/// of its own, so that the walk's ports are free as on a real server), both packages installed and configured
+/// by the document's commands, run as written; a login through the companion's command backend, which starts
+/// the VM as `vm-dev.service`; a session that outlives a restart of the companion; the idle stop; `status`
+/// as another user; and the switch to the daemon and back (docs/modes.md) with what the sockets refuse.
+#[test]
+fn walkthrough_from_a_stock_server() {
+    if let Some(why) = container::unavailable() {
+        skipped(&why);
+        return;
+    }
+    let packages = tempfile::tempdir().unwrap();
+    let debs = [
+        build_deb(packages.path()),
+        build_api_deb(packages.path(), false),
+    ];
+    let rootfs = container::cached_rootfs();
+    if let Err(why) = Container::preflight(&rootfs) {
+        skipped(&why);
+        return;
+    }
+    let started = Instant::now();
+    let container = Container::boot_on(&rootfs, Network::Private, |root| {
+        // A stock server: sshd on port 22, localhost in /etc/hosts, and the operator's key, which the
+        // server's sshd (and so the VM's stand-in) accepts.
+        container::enable_ssh(root);
+        fs::write(
+            root.join("etc/hosts"),
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+        )
+        .unwrap();
+        let ssh_dir = root.join("root/.ssh");
+        fs::create_dir_all(&ssh_dir).unwrap();
+        fs::set_permissions(&ssh_dir, fs::Permissions::from_mode(0o700)).unwrap();
+        let status = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(ssh_dir.join("id_ed25519"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        fs::copy(
+            ssh_dir.join("id_ed25519.pub"),
+            ssh_dir.join("authorized_keys"),
+        )
+        .unwrap();
+        for deb in &debs {
+            fs::copy(deb, root.join("root").join(deb.file_name().unwrap())).unwrap();
+        }
+    });
+    eprintln!("container booted in {:?}", started.elapsed());
+    assert!(
+        is_active(&container, "ssh.service"),
+        "the server's own sshd"
+    );
+
+    let walk = container::shell_blocks(
+        include_str!("../docs/first-login.md"),
+        Some("The container test runs every sh block below"),
+    );
+    let (install, rest) = walk
+        .split_first()
+        .expect("docs/first-login.md has commands");
+    run_as_written(&container, install);
+    check_installed_api_package(&container, &debs[1]);
+    let said: String = rest
+        .iter()
+        .map(|block| run_as_written(&container, block))
+        .collect();
+    assert!(said.contains("hello from the VM\n"), "{said}");
+
+    // The login went through the companion, which started the VM's unit; both name the VM in their records.
+    assert!(is_active(&container, "vm-dev.service"));
+    let summary = newest_record(&container, &[&summary_match(), "OUTCOME=relayed"]);
+    assert_eq!(field(&summary, "VM"), "127.0.0.2:2222");
+    let started = newest_record(
+        &container,
+        &["SYSLOG_IDENTIFIER=ssh-on-demand-api", "VM=dev"],
+    );
+    assert!(field(&started, "MESSAGE").starts_with("dev: "), "{started}");
+
+    // `status` as another user says it needs root.
+    let status = container.run(
+        "runuser",
+        &["-u", "nobody", "--", "ssh-on-demand", "status"],
+    );
+    let error = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(1), "{error}");
+    assert!(
+        error.contains("run it as root (sudo ssh-on-demand status)"),
+        "{error}"
+    );
+
+    // 30 s after the logout (the walk's idle_timeout), the VM's unit is stopped.
+    let stopped = wait_for("the idle stop", PATIENCE * 2, || {
+        container
+            .journal(&[
+                &format!("MESSAGE_ID={LIFECYCLE_MESSAGE_ID}"),
+                "DECISION=stopped",
+            ])
+            .pop()
+            .ok_or_else(|| "no stop yet".to_owned())
+    });
+    assert!(number(&stopped, "IDLE_S") >= 29, "stopped early: {stopped}");
+    assert_eq!(field(&stopped, "VM"), "127.0.0.2:2222");
+    assert!(!is_active(&container, "vm-dev.service"));
+    journal_says(
+        &container,
+        "ssh-on-demand-api.service",
+        "dev: stop: off after a graceful shutdown",
+    )
+    .unwrap();
+
+    // The VM is a unit of its own, not in the companion's cgroup: a session outlives the companion's restart.
+    let session = held_session(&container);
+    container.run_ok("systemctl", &["restart", "ssh-on-demand-api.service"]);
+    assert_eq!(session.finish(), "got bye");
+
+    switch_modes_both_ways(&container);
+}
+
+/// The companion's two flavours: the libvirt one depends on libvirt0, and each replaces the other under dpkg,
+/// handing over the conffile with the operator's edits (in a copy of the container's rootfs, without systemd:
+/// the maintainer scripts then leave the units alone).
+#[test]
+fn companion_flavours_replace_each_other_keeping_the_configuration() {
+    if let Some(why) = container::unavailable() {
+        skipped(&why);
+        return;
+    }
+    let packages = tempfile::tempdir().unwrap();
+    let plain = build_api_deb(packages.path(), false);
+    let libvirt = build_api_deb(packages.path(), true);
+    let control = |deb: &Path, field: &str| {
+        let output = Command::new("dpkg-deb")
+            .arg("--field")
+            .arg(deb)
+            .arg(field)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    assert!(control(&libvirt, "Depends").contains("libvirt0"));
+    for field in ["Conflicts", "Replaces", "Provides"] {
+        assert_eq!(control(&libvirt, field), "ssh-on-demand-api", "{field}");
+    }
+    for field in ["Conflicts", "Replaces"] {
+        assert_eq!(
+            control(&plain, field),
+            "ssh-on-demand-api-libvirt",
+            "{field}"
+        );
+    }
+
+    let root = container::copy(&container::cached_rootfs());
+    let conffile = root.path().join("etc/ssh-on-demand-api/config.toml");
+    let dpkg = |deb: &Path| {
+        fs::copy(deb, root.path().join("root/flavour.deb")).unwrap();
+        // libvirt0 is not in the rootfs; the dependency was checked above.
+        let output = Command::new("chroot")
+            .arg(root.path())
+            .args(["dpkg", "--install", "--force-depends", "/root/flavour.deb"])
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "dpkg --install {}:\n{}",
+            deb.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let owner = Command::new("chroot")
+            .arg(root.path())
+            .args(["dpkg", "--search", "/etc/ssh-on-demand-api/config.toml"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&owner.stdout).into_owned()
+    };
+    dpkg(&plain);
+    let edited = format!(
+        "{}# the operator's\n",
+        fs::read_to_string(&conffile).unwrap()
+    );
+    fs::write(&conffile, &edited).unwrap();
+    assert!(dpkg(&libvirt).starts_with("ssh-on-demand-api-libvirt: "));
+    assert_eq!(fs::read_to_string(&conffile).unwrap(), edited);
+    assert!(dpkg(&plain).starts_with("ssh-on-demand-api: "));
+    assert_eq!(fs::read_to_string(&conffile).unwrap(), edited);
+}
+
+/// Runs one of a document's command blocks in the container, as root (so `sudo` is a no-op), from /root, the
+/// way the document says; returns what it printed on stdout.
+fn run_as_written(container: &Container, block: &str) -> String {
+    let script = format!("sudo() {{ \"$@\"; }}\ncd /root\n{block}");
+    let output = container.run("sh", &["-eu", "-c", &script]);
+    assert!(
+        output.status.success(),
+        "{}\nfailed ({}):\n{}\n{}",
+        block,
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A login in the container, through the proxy on port 2200, that waits for a line on its stdin.
+struct HeldSession {
+    child: std::process::Child,
+    said: Log,
+}
+
+fn held_session(container: &Container) -> HeldSession {
+    let mut child = container
+        .command("ssh")
+        .args([
+            "-p",
+            "2200",
+            "localhost",
+            r#"echo ready; read line; echo "got $line""#,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let said = Log::collect(child.stdout.take().unwrap(), "ssh");
+    let _ = Log::collect(child.stderr.take().unwrap(), "ssh stderr");
+    said.wait_for(PATIENCE, |line| line == "ready");
+    HeldSession { child, said }
+}
+
+impl HeldSession {
+    /// Sends a line, and returns the session's answer once it has ended.
+    fn finish(mut self) -> String {
+        let mut stdin = self.child.stdin.take().unwrap();
+        stdin.write_all(b"bye\n").unwrap();
+        drop(stdin);
+        let status = self
+            .child
+            .wait_timeout(PATIENCE)
+            .unwrap()
+            .expect("ssh ended");
+        assert!(status.success(), "ssh: {status}");
+        self.said.wait_for(PATIENCE, |line| line.starts_with("got"))
+    }
+}
+
+/// The sockets refuse a second mode, with the reason; docs/modes.md switches to the daemon and back, and a
+/// login works in each.
+fn switch_modes_both_ways(container: &Container) {
+    let login = || {
+        let said = container.run_ok("ssh", &["-p", "2200", "localhost", "echo in"]);
+        assert_eq!(said, "in\n");
+    };
+    let refused = |socket: &str, why: &str| {
+        let output = container.run("systemctl", &["start", socket]);
+        assert!(
+            !output.status.success(),
+            "{socket} started beside the other mode"
+        );
+        let status = container.run("systemctl", &["status", "--no-pager", "--lines=10", socket]);
+        let shown = String::from_utf8_lossy(&status.stdout);
+        assert!(
+            shown.contains(&format!("{socket} refused: {why}")),
+            "{shown}"
+        );
+    };
+    refused(
+        "ssh-on-demand-daemon.socket",
+        "the per-connection mode (ssh-on-demand.socket) is enabled or running",
+    );
+    // Both enabled, as a reboot would find them: neither starts.
+    container.run_ok("systemctl", &["enable", "ssh-on-demand-daemon.socket"]);
+    let restarted = container.run("systemctl", &["restart", "ssh-on-demand.socket"]);
+    assert!(
+        !restarted.status.success(),
+        "started with both modes enabled"
+    );
+    container.run_ok("systemctl", &["disable", "ssh-on-demand-daemon.socket"]);
+    container.run_ok("systemctl", &["start", "ssh-on-demand.socket"]);
+    login();
+
+    let modes = container::shell_blocks(include_str!("../docs/modes.md"), None);
+    let [to_daemon, back] = &modes[..] else {
+        panic!("docs/modes.md has two command blocks: {modes:#?}");
+    };
+    run_as_written(container, to_daemon);
+    assert!(is_active(container, "ssh-on-demand-daemon.socket"));
+    login();
+    newest_record(
+        container,
+        &[
+            &summary_match(),
+            "_SYSTEMD_UNIT=ssh-on-demand-daemon.service",
+        ],
+    );
+    refused(
+        "ssh-on-demand.socket",
+        "the daemon mode (ssh-on-demand-daemon.socket) is enabled or running",
+    );
+    run_as_written(container, back);
+    assert!(is_active(container, "ssh-on-demand.socket"));
+    assert!(!is_active(container, "ssh-on-demand-daemon.service"));
+    login();
+    let failed = container.run_ok("systemctl", &["--failed", "--plain", "--no-legend"]);
+    assert!(!failed.contains("ssh-on-demand"), "{failed}");
 }
 
 /// Builds the package, boots a container and installs it there, checking what it installed. `None` (after a
@@ -485,8 +794,8 @@ fn watchdog_is_pinged(container: &Container, unit: &str) {
     });
 }
 
-/// `systemctl reload`: a good file applies to new connections; a broken one is refused, logged, and the old
-/// one stays in use.
+/// `systemctl reload`: a good file applies to new connections; a broken one fails the reload (the unit's
+/// `ExecReload=` checks it first) with the reason in the journal, and the old one stays in use.
 fn reload(container: &Container, host: &Host, unit: &str) {
     let file = container.root().join("etc/ssh-on-demand/config.toml");
     let pid = show(container, unit, "MainPID");
@@ -500,11 +809,17 @@ fn reload(container: &Container, host: &Host, unit: &str) {
         journal_says(container, unit, "configuration reloaded")
     });
     fs::write(&file, "api_url = 5\n").unwrap();
-    container.run_ok("systemctl", &["reload", unit]);
-    let refused = wait_for("the refused reload's record", PATIENCE, || {
-        journal_says(container, unit, "configuration not reloaded")
+    let refused = container.run("systemctl", &["reload", unit]);
+    assert!(!refused.status.success(), "a broken file was reloaded");
+    let said = wait_for("the refused reload's record", PATIENCE, || {
+        journal_says(container, unit, "error: ")
     });
-    assert_eq!(field(&refused, "PRIORITY"), "3");
+    assert!(field(&said, "MESSAGE").contains("api_url"), "{said}");
+    fs::write(
+        &file,
+        config(host, "drain_timeout = \"2s\"\nboot_timeout = \"90s\"\n"),
+    )
+    .unwrap();
     assert_eq!(
         show(container, unit, "MainPID"),
         pid,
@@ -532,6 +847,19 @@ fn drain_on_stop(container: &Container, host: &Host, unit: &str) {
     assert_eq!(show(container, unit, "ActiveState"), "inactive");
     assert_eq!(show(container, unit, "Result"), "success");
     journal_says(container, unit, "closing the sessions left").unwrap();
+    // The closed session's summary counts what it relayed, though its relay was cut short.
+    let closed = container
+        .journal(&[&summary_match(), "OUTCOME=relayed"])
+        .into_iter()
+        .rev()
+        .find(|r| {
+            r["REASON"]
+                .as_str()
+                .is_some_and(|r| r.contains("drain_timeout"))
+        })
+        .expect("the closed session's summary");
+    assert!(number(&closed, "BYTES_TO_VM") > 0, "{closed}");
+    assert!(number(&closed, "BYTES_TO_CLIENT") > 0, "{closed}");
 }
 
 fn skipped(why: &str) {
@@ -566,6 +894,116 @@ fn build_deb(dir: &Path) -> PathBuf {
     let deb = stdout.lines().last().expect("build-deb prints the path");
     eprintln!("built {deb} in {:?}", started.elapsed());
     PathBuf::from(deb)
+}
+
+/// Builds the companion's package with packaging/build-deb-api into `dir`: ssh-on-demand-api, or with
+/// `libvirt` ssh-on-demand-api-libvirt.
+fn build_api_deb(dir: &Path, libvirt: bool) -> PathBuf {
+    let started = Instant::now();
+    let output = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/packaging/build-deb-api"
+    ))
+    .args(libvirt.then_some("--libvirt"))
+    .arg(format!("--output={}", dir.display()))
+    .arg("--fast")
+    .env("CARGO", env!("CARGO"))
+    .stdin(Stdio::null())
+    .output()
+    .expect("running packaging/build-deb-api");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "packaging/build-deb-api failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let deb = stdout
+        .lines()
+        .last()
+        .expect("build-deb-api prints the path");
+    eprintln!("built {deb} in {:?}", started.elapsed());
+    PathBuf::from(deb)
+}
+
+/// What the companion's package installed, before the operator touches anything: its files, units that
+/// systemd finds clean and hardened, and no need of libvirt, whose backend it refuses with the reason.
+fn check_installed_api_package(container: &Container, deb: &Path) {
+    let files = container.run_ok("dpkg", &["--listfiles", "ssh-on-demand-api"]);
+    for expected in [
+        "/usr/bin/ssh-on-demand-api",
+        "/usr/libexec/ssh-on-demand-api/start-unit",
+        "/etc/ssh-on-demand-api/config.toml",
+        "/usr/share/doc/ssh-on-demand-api/examples/config.toml",
+        "/usr/share/doc/ssh-on-demand-api/README.md",
+        "/usr/share/doc/ssh-on-demand-api/docs/command-backend.md",
+        "/usr/share/man/man8/ssh-on-demand-api.8.gz",
+        "/usr/lib/systemd/system/ssh-on-demand-api.socket",
+        "/usr/lib/systemd/system/ssh-on-demand-api.service",
+    ] {
+        assert!(files.lines().any(|f| f == expected), "{expected}:\n{files}");
+    }
+    let depends = Command::new("dpkg-deb")
+        .args(["--field"])
+        .arg(deb)
+        .arg("Depends")
+        .output()
+        .unwrap();
+    let depends = String::from_utf8_lossy(&depends.stdout);
+    assert!(
+        depends.contains("libc6") && !depends.contains("libvirt"),
+        "{depends}"
+    );
+    let linked = container.run_ok("ldd", &["/usr/bin/ssh-on-demand-api"]);
+    assert!(
+        !linked.contains("libvirt") && !linked.contains("not found"),
+        "{linked}"
+    );
+    assert!(!is_active(container, "ssh-on-demand-api.socket"));
+
+    // The conffile sets nothing, and check-config says what is missing; a libvirt backend is refused.
+    let check = container.run("ssh-on-demand-api", &["check-config"]);
+    assert_eq!(check.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&check.stderr).contains("no [profiles.NAME] section"));
+    fs::write(
+        container.root().join("root/libvirt.toml"),
+        "[backends.host]\ntype = \"libvirt\"\n[profiles.lab]\nbackend = \"host\"\nvm = \"dev\"\n",
+    )
+    .unwrap();
+    let check = container.run(
+        "ssh-on-demand-api",
+        &["--config", "/root/libvirt.toml", "check-config"],
+    );
+    let said = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        !check.status.success() && said.contains("install the package ssh-on-demand-api-libvirt"),
+        "{said}"
+    );
+
+    let units = ["ssh-on-demand-api.socket", "ssh-on-demand-api.service"];
+    let verify = container.run("systemd-analyze", &[&["verify"], &units[..]].concat());
+    let said = [verify.stdout, verify.stderr].concat();
+    assert!(
+        verify.status.success() && said.is_empty(),
+        "systemd-analyze verify: {}\n{}",
+        verify.status,
+        String::from_utf8_lossy(&said)
+    );
+    let security = container.run(
+        "systemd-analyze",
+        &[
+            "security",
+            "--offline=yes",
+            "--threshold=15",
+            "--no-pager",
+            "/usr/lib/systemd/system/ssh-on-demand-api.service",
+        ],
+    );
+    assert!(
+        security.status.success(),
+        "{}",
+        String::from_utf8_lossy(&security.stdout)
+    );
 }
 
 /// What the package installed, before the operator touches anything.

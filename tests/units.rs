@@ -22,13 +22,15 @@ fn units_dir() -> &'static Path {
 
 #[test]
 fn units_verify_clean() {
-    // The daemon's ExecReload= is /bin/kill, from procps (a dependency of the package).
+    // The daemon's ExecReload= is /bin/kill, from procps (a dependency of the package); the sockets' check
+    // that the other mode is off runs in /bin/sh.
     units::verify_clean(
         units_dir(),
         &UNITS,
         &[
             (BINARY, "/usr/bin/ssh-on-demand"),
             ("/bin/kill", "/bin/kill"),
+            ("/bin/sh", "/bin/sh"),
         ],
     );
 }

@@ -5,28 +5,34 @@ use std::{
     fs::File,
     io,
     net::TcpStream,
-    os::fd::{AsFd, FromRawFd, OwnedFd},
+    os::{
+        fd::{AsFd, FromRawFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
+    path::PathBuf,
     process::ExitCode,
-    sync::Arc,
+    sync::{Arc, Mutex},
+    time::SystemTime,
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use listenfd::ListenFd;
 use socket2::SockRef;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, StoreConfig},
+    cli::Cli,
+    config::{Config, Profile, StoreConfig},
     logging::is_tcp,
     session::{self, Context as SessionContext},
-    vm::store::now_ms,
+    vm::{api::Api, lifecycle::Profiles, store::now_ms},
 };
 
 /// Serves the one connection systemd handed to this process, with `config` or, if it is an error, by telling
 /// the client the host is misconfigured; then, if it was its VM's last session, waits out the VM's idle
-/// timeout. Returns the exit status: 0 when the client was relayed or left, 1 when it got no VM, 2 when there
-/// was no connection to serve.
-pub fn serve(config: Result<Config>) -> ExitCode {
+/// timeout, reading the configuration of `cli` again when it changes. Returns the exit status: 0 when the
+/// client was relayed or left, 1 when it got no VM, 2 when there was no connection to serve.
+pub fn serve(config: Result<Config>, cli: Option<&Cli>) -> ExitCode {
     let client = match take_client() {
         Ok(client) => client,
         Err(e) => {
@@ -48,6 +54,7 @@ pub fn serve(config: Result<Config>) -> ExitCode {
             Ok(config) => config,
             Err(error) => return Ok(session::refuse_misconfigured(client, &error).await),
         };
+        let file = config.file.clone();
         let ctx = SessionContext::new(Arc::new(config), true);
         let report = session::run(client, &ctx, None).await;
         // The client's socket is closed by now; the process stays only for the VM.
@@ -59,7 +66,12 @@ pub fn serve(config: Result<Config>) -> ExitCode {
             );
             info!("{text}");
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&text)]);
-            watch.run(&api).await;
+            let reread = Reread {
+                cli,
+                file,
+                seen: Mutex::default(),
+            };
+            watch.run(api, &reread).await;
         }
         Ok::<_, std::io::Error>(report.outcome)
     });
@@ -69,6 +81,45 @@ pub fn serve(config: Result<Config>) -> ExitCode {
             error!("registering the client's socket: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The configuration as it is now, for the idle wait, which may end long after this process read it: read
+/// again whenever the file has changed since it was last read.
+struct Reread<'a> {
+    cli: Option<&'a Cli>,
+    file: Option<PathBuf>,
+    seen: Mutex<Option<Seen>>,
+}
+
+/// The file's modification time, inode and size when it was last read, and what it said then (`None`:
+/// unusable).
+type Seen = (Option<(SystemTime, u64, u64)>, Option<Arc<SessionContext>>);
+
+impl Profiles for Reread<'_> {
+    fn now(&self, label: &str) -> Option<(Arc<Profile>, Arc<Api>)> {
+        let cli = self.cli?;
+        // Its time, and its inode and size too: two writes within one clock tick share a time.
+        let modified = self.file.as_ref().and_then(|file| {
+            let meta = file.metadata().ok()?;
+            Some((meta.modified().ok()?, meta.ino(), meta.len()))
+        });
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let ctx = match &*seen {
+            Some((at, ctx)) if *at == modified => ctx.clone(),
+            _ => {
+                let ctx = match Config::load(cli) {
+                    Ok(config) => Some(Arc::new(SessionContext::new(Arc::new(config), false))),
+                    Err(e) => {
+                        warn!("the idle wait keeps the configuration it has: {e:#}");
+                        None
+                    }
+                };
+                *seen = Some((modified, ctx.clone()));
+                ctx
+            }
+        };
+        ctx?.now(label)
     }
 }
 

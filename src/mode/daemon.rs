@@ -26,13 +26,14 @@ use tracing::{error, info, warn};
 
 use crate::{
     cli::Cli,
-    config::{Config, StoreConfig},
+    config::{Config, Profile, StoreConfig},
     limits::Limits,
     metrics::{self, Metrics},
     report::Outcome,
     session::{self, Context},
     vm::{
-        lifecycle::{self, Due},
+        api::Api,
+        lifecycle::{self, Due, Profiles},
         state::Shown,
         store::{Store, etcd::Etcd, local::Local, now_ms},
     },
@@ -86,8 +87,12 @@ pub fn run(cli: &Cli, listen: &[(SocketAddr, Option<String>)]) -> ExitCode {
             StoreConfig::Local => Store::Local(Local::new(&config.state_dir)),
             StoreConfig::Etcd(etcd) => Store::Etcd(Etcd::connect(etcd, true).await?),
         };
-        let daemon = Daemon::new(cli.clone(), config, store);
         let listeners = bind(inherited, listen).await?;
+        let listening = listeners
+            .iter()
+            .map(|l| l.socket.local_addr())
+            .collect::<Result<_, _>>()?;
+        let daemon = Daemon::new(cli.clone(), config, store, listening);
         daemon.serve(listeners).await
     });
     // Idle waits still pending end with the process; the next start's sweep takes them over.
@@ -181,10 +186,12 @@ struct Daemon {
     /// Cancelled once the drain timeout has passed: every session closes.
     close: CancellationToken,
     sessions: TaskTracker,
+    /// The listening sockets' addresses: no start API answer may point back at them.
+    listening: Vec<SocketAddr>,
 }
 
 impl Daemon {
-    fn new(cli: Cli, config: Config, store: Store) -> Arc<Daemon> {
+    fn new(cli: Cli, config: Config, store: Store, listening: Vec<SocketAddr>) -> Arc<Daemon> {
         let limits = Arc::new(Limits::default());
         let close = CancellationToken::new();
         let ctx = Context::for_daemon(
@@ -192,6 +199,7 @@ impl Daemon {
             store.clone(),
             limits.clone(),
             close.clone(),
+            listening.clone(),
         );
         let metrics = Arc::new(Metrics::new(&store));
         Arc::new(Daemon {
@@ -203,6 +211,7 @@ impl Daemon {
             refusing: Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING)),
             close,
             sessions: TaskTracker::new(),
+            listening,
         })
     }
 
@@ -331,8 +340,10 @@ impl Daemon {
             daemon.metrics.set_sessions(daemon.limits.sessions());
             daemon.metrics.session(&report);
             if let Some((watch, api)) = report.idle {
-                let metrics = daemon.metrics.clone();
-                tokio::spawn(async move { metrics.stop(watch.run(&api).await) });
+                tokio::spawn(async move {
+                    let stopped = watch.run(api, &*daemon).await;
+                    daemon.metrics.stop(stopped);
+                });
             }
         });
     }
@@ -355,6 +366,7 @@ impl Daemon {
                     self.store.clone(),
                     self.limits.clone(),
                     self.close.clone(),
+                    self.listening.clone(),
                 );
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ctx);
                 info!("configuration reloaded; it applies to new connections");
@@ -378,7 +390,7 @@ impl Daemon {
                 _ = sweep.tick() => {
                     let ctx = self.current();
                     let watches = lifecycle::sweep(&ctx.lifecycle, &ctx.config, u64::MAX).await;
-                    self.run_due(&ctx, watches);
+                    Daemon::run_due(&self, &ctx, watches);
                 }
                 Some(change) = async { changes.as_mut()?.recv().await } => {
                     let ctx = self.current();
@@ -386,7 +398,7 @@ impl Daemon {
                         Some(key) => lifecycle::sweep_one(&ctx.lifecycle, &ctx.config, &key).await.into_iter().collect(),
                         None => lifecycle::sweep(&ctx.lifecycle, &ctx.config, u64::MAX).await,
                     };
-                    self.run_due(&ctx, watches);
+                    Daemon::run_due(&self, &ctx, watches);
                 }
                 _ = status.tick() => {
                     let text = self.status_text().await;
@@ -397,17 +409,17 @@ impl Daemon {
     }
 
     /// Runs what the sweep found due: idle waits, and starts ahead of logins.
-    fn run_due(&self, ctx: &Context, due: Vec<Due>) {
+    fn run_due(self: &Arc<Self>, ctx: &Context, due: Vec<Due>) {
         for due in due {
             let Some(profile) = ctx.config.profile_labeled(&due.key().profile) else {
                 continue;
             };
             match ctx.api(profile) {
                 Ok(api) => {
-                    let metrics = self.metrics.clone();
+                    let daemon = self.clone();
                     tokio::spawn(async move {
-                        if let Some(stopped) = due.run(&api).await {
-                            metrics.stop(stopped);
+                        if let Some(stopped) = due.run(api, &*daemon).await {
+                            daemon.metrics.stop(stopped);
                         }
                     });
                 }
@@ -460,6 +472,13 @@ impl Daemon {
             self.close.cancel();
             let _ = timeout(CLOSE_GRACE, self.sessions.wait()).await;
         }
+    }
+}
+
+/// An idle wait follows reloads: its profile as the configuration now has it.
+impl Profiles for Daemon {
+    fn now(&self, label: &str) -> Option<(Arc<Profile>, Arc<Api>)> {
+        self.current().now(label)
     }
 }
 

@@ -155,9 +155,10 @@ impl Boot<'_> {
         Ok(started)
     }
 
-    /// The operator's `vm_networks` allow connecting to `addr`.
+    /// The operator's `vm_networks` allow connecting to `addr`, and it is not the proxy itself.
     fn allowed(&self, addr: SocketAddr) -> Result<(), ApiError> {
-        targets::check(addr.ip(), &self.profile.vm_networks, self.local.ip())
+        let own = self.ctx.own_listeners(self.local);
+        targets::check(addr, &self.profile.vm_networks, self.local.ip(), &own)
             .map_err(|why| ApiError::NotAllowed { addr, why })
     }
 }

@@ -205,7 +205,7 @@ impl Lease {
         let mut claim: Option<Registration> = None;
         loop {
             let me = holder(&self.store, claim.as_ref());
-            let (view, action) = self
+            let (view, (action, cancels_idle)) = self
                 .store
                 .transact(&self.key, false, |view| {
                     let event = Event::Login {
@@ -213,13 +213,28 @@ impl Lease {
                         starts_seen: self.starts_seen,
                     };
                     let step = state::step(view, event, now_ms(), &rules);
+                    let idle = matches!(view.record.phase, state::Phase::Idle { .. });
                     match step.action {
                         // Holding a start takes a registration: made now, then decided again.
-                        Action::CallStart if claim.is_none() => (state::Write::Keep, step.action),
-                        _ => (step.write, step.action),
+                        Action::CallStart if claim.is_none() => {
+                            (state::Write::Keep, (step.action, false))
+                        }
+                        _ => (step.write, (step.action, idle)),
                     }
                 })
                 .await?;
+            if cancels_idle {
+                // Said now, where it happens: the waiter notices only when it wakes.
+                let idle = Duration::from_millis(now_ms().saturating_sub(view.record.since));
+                decision(
+                    Level::INFO,
+                    &self.key,
+                    &view,
+                    "kept",
+                    "a login came during the idle wait; no stop",
+                    idle,
+                );
+            }
             match action {
                 Action::CallStart if claim.is_none() => {
                     claim = Some(self.store.claim(&self.key).await?);
@@ -428,6 +443,6 @@ mod sweep;
 mod tests;
 mod wake;
 
-pub use idle::{IdleWatch, Stopped};
+pub use idle::{IdleWatch, Profiles, Stopped};
 pub use sweep::{Due, sweep, sweep_one};
 pub use wake::PreWake;

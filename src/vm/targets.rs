@@ -8,8 +8,11 @@
 //! metadata services and this host's own addresses. A wide listing such as `0.0.0.0/0` opens none of those.
 //! An IPv6 answer that carries an IPv4 address (`::ffff:a.b.c.d`, or the deprecated `::a.b.c.d`) is judged
 //! as that IPv4 address, which is where Linux connects the mapped form.
+//!
+//! Nor may an answer point at one of the proxy's own listening sockets, whatever `vm_networks` says: the proxy
+//! would relay the connection to itself, and the user would wait out the whole boot deadline.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -33,6 +36,11 @@ pub enum NotAllowed {
     ThisHost,
     #[error("which is outside vm_networks")]
     OutsideNetworks,
+    #[error(
+        "whose port {0} is where ssh-on-demand itself listens on this host: it would relay the connection to \
+         itself; the start API must name the VM's own address and port"
+    )]
+    OwnListener(u16),
 }
 
 /// The cloud metadata services that sit outside link-local: Alibaba Cloud's (100.100.100.200, in the shared
@@ -73,10 +81,32 @@ impl Host {
     }
 }
 
-/// Whether a connection to `addr` may be made, on this host as it is now; `local` is the address the
-/// client reached.
-pub fn check(addr: IpAddr, allowed: &[IpNet], local: IpAddr) -> Result<(), NotAllowed> {
-    check_on(&Host::now(local), addr, allowed)
+/// Whether a connection to `target` may be made, on this host as it is now; `local` is the address the
+/// client reached, `listening` the proxy's own listening sockets (see [`own_listener`]).
+pub fn check(
+    target: SocketAddr,
+    allowed: &[IpNet],
+    local: IpAddr,
+    listening: &[SocketAddr],
+) -> Result<(), NotAllowed> {
+    let host = Host::now(local);
+    // First: allowing the address in vm_networks, as another refusal would suggest, cannot mend this one.
+    if own_listener(&host, target, listening) {
+        return Err(NotAllowed::OwnListener(target.port()));
+    }
+    check_on(&host, target.ip(), allowed)
+}
+
+/// Whether `target` reaches one of `listening`, the proxy's own listening sockets on `host`. A listener on
+/// an unspecified address (`0.0.0.0`, `::`) takes its port on every address of the host, loopback included;
+/// `::` is taken to take IPv4 too, as systemd's `ListenStream=22` does.
+pub fn own_listener(host: &Host, target: SocketAddr, listening: &[SocketAddr]) -> bool {
+    let ip = unmapped(target.ip());
+    let this_host = ip.is_loopback() || host.addresses.contains(&ip);
+    listening.iter().any(|listener| {
+        let on = unmapped(listener.ip());
+        listener.port() == target.port() && (on == ip || (on.is_unspecified() && this_host))
+    })
 }
 
 /// Whether a connection to `addr` may be made from `host`: never to an address no VM has; to one of the

@@ -121,15 +121,22 @@ async fn start(State(app): State<Arc<App>>, body: Bytes) -> Response {
         .client_addr
         .map(|a| a.to_string())
         .unwrap_or_default();
+    // The profile names the request in the message too: `journalctl -t ssh-on-demand-api` shows no fields.
+    let name = profile.unwrap_or(crate::config::DEFAULT_PROFILE);
     tracing::info!(
         PROFILE = profile,
         CLIENT_ADDR = client,
         CLIENT_PORT = request.client_port,
-        "start requested"
+        "profile {name}: start requested for {}",
+        if client.is_empty() {
+            "no client"
+        } else {
+            &client
+        }
     );
     match app.vms.start(profile, request.client_addr).await {
         Ok(started) => {
-            tracing::info!(PROFILE = profile, CLIENT_ADDR = client, VM_IP = %started.ip, HOW = started.how.as_str(), "start answered");
+            tracing::info!(PROFILE = profile, CLIENT_ADDR = client, VM_IP = %started.ip, HOW = started.how.as_str(), "profile {name}: start answered {}", started.ip);
             Json(StartAnswer {
                 vm_ip: started.ip,
                 port: started.port,
@@ -139,7 +146,7 @@ async fn start(State(app): State<Arc<App>>, body: Bytes) -> Response {
             .into_response()
         }
         Err(why) => {
-            tracing::warn!(PROFILE = profile, CLIENT_ADDR = client, status = %why.status(), "start refused: {why}");
+            tracing::warn!(PROFILE = profile, CLIENT_ADDR = client, status = %why.status(), "profile {name}: start refused: {why}");
             why.into_response()
         }
     }
@@ -152,11 +159,12 @@ async fn stop(State(app): State<Arc<App>>, body: Bytes) -> Response {
     };
     let profile = request.profile.as_deref();
     let vm_ip = request.vm_ip.map(|a| a.to_string()).unwrap_or_default();
+    let name = profile.unwrap_or(crate::config::DEFAULT_PROFILE);
     tracing::info!(
         PROFILE = profile,
         VM_IP = vm_ip,
         IDLE_SECONDS = request.idle_seconds,
-        "stop requested"
+        "profile {name}: stop requested for {vm_ip}"
     );
     match app
         .vms
@@ -173,7 +181,7 @@ async fn stop(State(app): State<Arc<App>>, body: Bytes) -> Response {
             (status, Json(serde_json::json!({ "status": word }))).into_response()
         }
         Err(why) => {
-            tracing::warn!(PROFILE = profile, VM_IP = vm_ip, status = %why.status(), "stop refused: {why}");
+            tracing::warn!(PROFILE = profile, VM_IP = vm_ip, status = %why.status(), "profile {name}: stop refused: {why}");
             why.into_response()
         }
     }

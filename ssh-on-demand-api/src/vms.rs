@@ -136,7 +136,8 @@ impl Vms {
                     tracing::info!(
                         PROFILE = name,
                         VM = target.vm,
-                        "joining the start already under way"
+                        "{}: joining the start already under way",
+                        target.vm
                     );
                     run.clone()
                 }
@@ -177,7 +178,7 @@ impl Vms {
                         HOW = how.as_str(),
                         BOOT_MS = boot_ms,
                         RESUME_MS = resume_ms,
-                        "start answered with the address"
+                        "{vm}: start answered with the address {ip}"
                     );
                     *slot
                         .last_address
@@ -185,7 +186,7 @@ impl Vms {
                         .unwrap_or_else(PoisonError::into_inner) = Some(*ip);
                 }
                 Err(why) => {
-                    tracing::warn!(BACKEND = backend_name, VM = vm, status = %why.status(), "start failed: {why}")
+                    tracing::warn!(BACKEND = backend_name, VM = vm, status = %why.status(), "{vm}: start failed: {why}")
                 }
             }
             *slot.start.lock().unwrap_or_else(PoisonError::into_inner) = None;
@@ -313,12 +314,12 @@ async fn start_vm(
     let deadline = Instant::now() + address_timeout;
     let mut power = backend.power(vm).await?;
     if power == Power::Stopping {
-        tracing::info!(VM = vm, "still stopping; starting it once it is down");
+        tracing::info!(VM = vm, "{vm}: still stopping; starting it once it is down");
         power = wait_until_down(backend, vm, deadline).await?;
     }
     match power {
         Power::Running | Power::Starting => {
-            tracing::info!(VM = vm, power = %power, "already {power}; asking for its address");
+            tracing::info!(VM = vm, power = %power, "{vm}: already {power}; asking for its address");
             let ip = find_address(backend, vm, deadline).await?;
             Ok(Outcome {
                 ip,
@@ -328,7 +329,7 @@ async fn start_vm(
         }
         Power::Suspended => resume(backend, vm, deadline, if_resume_fails).await,
         Power::Off | Power::Stopping | Power::Unknown | Power::Other(_) => {
-            tracing::info!(VM = vm, backend = backend.kind(), "starting");
+            tracing::info!(VM = vm, backend = backend.kind(), "{vm}: starting");
             let began = Instant::now();
             let begun = backend.start(vm).await?;
             finish(backend, vm, deadline, began, begun, How::Booted).await
@@ -344,12 +345,12 @@ async fn resume(
     deadline: Instant,
     if_resume_fails: IfResumeFails,
 ) -> Result<Outcome, Failure> {
-    tracing::info!(VM = vm, backend = backend.kind(), "resuming");
+    tracing::info!(VM = vm, backend = backend.kind(), "{vm}: resuming");
     let began = Instant::now();
     match backend.resume(vm).await {
         Ok(begun) => finish(backend, vm, deadline, began, begun, How::Resumed).await,
         Err(why) if if_resume_fails == IfResumeFails::Boot && !why.is_unreachable() => {
-            tracing::warn!(VM = vm, RESUME_ERROR = %why, "resume failed: {why}; discarding the kept state and booting");
+            tracing::warn!(VM = vm, RESUME_ERROR = %why, "{vm}: resume failed: {why}; discarding the kept state and booting");
             let began = Instant::now();
             let begun = backend.boot_instead(vm).await?;
             finish(backend, vm, deadline, began, begun, How::Booted).await
@@ -370,7 +371,7 @@ async fn finish(
     let ip = match begun.ip {
         Some(ip) => ip,
         None => {
-            tracing::info!(VM = vm, "{}; waiting for its address", how.as_str());
+            tracing::info!(VM = vm, "{vm}: {}; waiting for its address", how.as_str());
             find_address(backend, vm, deadline).await?
         }
     };
@@ -398,7 +399,7 @@ async fn find_address(backend: &Backend, vm: &str, deadline: Instant) -> Result<
                 humantime::format_duration(round(started.elapsed()))
             )));
         }
-        tracing::debug!(VM = vm, "no address yet: {why}");
+        tracing::debug!(VM = vm, "{vm}: no address yet: {why}");
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(2));
     }
@@ -444,7 +445,7 @@ async fn stop_vm(
         tracing::warn!(
             BACKEND = backend_name,
             VM = vm,
-            "stop: refused, no stop or kill command is configured"
+            "{vm}: stop refused, no stop or kill command is configured"
         );
         let why = Failure::Refused("no stop command is configured".into());
         return reply(&mut answer, Err(why));
@@ -455,18 +456,22 @@ async fn stop_vm(
             tracing::warn!(
                 BACKEND = backend_name,
                 VM = vm,
-                "stop: cannot tell its state: {why}"
+                "{vm}: stop: cannot tell its state: {why}"
             );
             return reply(&mut answer, Err(why));
         }
     };
     match power {
         Power::Off => {
-            tracing::info!(BACKEND = backend_name, VM = vm, "stop: already off");
+            tracing::info!(BACKEND = backend_name, VM = vm, "{vm}: stop: already off");
             return reply(&mut answer, Ok(Stopped::AlreadyOff));
         }
         Power::Suspended => {
-            tracing::info!(BACKEND = backend_name, VM = vm, "stop: already suspended");
+            tracing::info!(
+                BACKEND = backend_name,
+                VM = vm,
+                "{vm}: stop: already suspended"
+            );
             return reply(&mut answer, Ok(Stopped::AlreadySuspended));
         }
         _ => {}
@@ -480,7 +485,7 @@ async fn stop_vm(
                     BACKEND = backend_name,
                     VM = vm,
                     SUSPEND_ERROR = %why,
-                    "stop: cannot suspend: {why}; shutting it down instead"
+                    "{vm}: stop: cannot suspend: {why}; shutting it down instead"
                 );
             }
             Err(why) => {
@@ -488,7 +493,7 @@ async fn stop_vm(
                     BACKEND = backend_name,
                     VM = vm,
                     SUSPEND_ERROR = %why,
-                    "stop: suspend failed, the VM runs on: {why}"
+                    "{vm}: stop: suspend failed, the VM runs on: {why}"
                 );
                 return reply(&mut answer, Err(why));
             }
@@ -511,7 +516,7 @@ async fn suspend(
         StopMode::Hibernate => ("hibernating", "hibernated"),
         _ => ("suspending", "suspended"),
     };
-    tracing::info!(BACKEND = backend_name, VM = vm, "stop: {doing}");
+    tracing::info!(BACKEND = backend_name, VM = vm, "{vm}: stop: {doing}");
     if backend.suspend_takes_long() {
         reply(answer, Ok(Stopped::Suspending));
     }
@@ -522,7 +527,7 @@ async fn suspend(
         VM = vm,
         HOW = done,
         SUSPEND_MS = millis(began.elapsed()),
-        "stop: {done}"
+        "{vm}: stop: {done}"
     );
     reply(answer, Ok(Stopped::Suspending));
     Ok(())
@@ -542,13 +547,13 @@ async fn shut_down(
         reply(&mut answer, Ok(Stopped::Stopping));
     }
     let deadline = Instant::now() + stop_timeout;
-    tracing::info!(BACKEND = backend_name, VM = vm, power = %power, "stop: graceful shutdown");
+    tracing::info!(BACKEND = backend_name, VM = vm, power = %power, "{vm}: stop: graceful shutdown");
     let graceful = backend.shutdown(vm, stop_timeout).await;
     if let Err(why) = &graceful {
         tracing::warn!(
             BACKEND = backend_name,
             VM = vm,
-            "stop: graceful shutdown failed: {why}"
+            "{vm}: stop: graceful shutdown failed: {why}"
         );
     } else {
         reply(&mut answer, Ok(Stopped::Stopping));
@@ -563,23 +568,27 @@ async fn shut_down(
         tracing::info!(
             BACKEND = backend_name,
             VM = vm,
-            "stop: off after a graceful shutdown"
+            "{vm}: stop: off after a graceful shutdown"
         );
         return;
     }
-    tracing::warn!(BACKEND = backend_name, VM = vm, "stop: forcing it off");
+    tracing::warn!(
+        BACKEND = backend_name,
+        VM = vm,
+        "{vm}: stop: forcing it off"
+    );
     let forced = backend.force_off(vm).await;
     match &forced {
-        Ok(true) => tracing::info!(BACKEND = backend_name, VM = vm, "stop: forced off"),
+        Ok(true) => tracing::info!(BACKEND = backend_name, VM = vm, "{vm}: stop: forced off"),
         Ok(false) => tracing::warn!(
             BACKEND = backend_name,
             VM = vm,
-            "stop: no way to force it off is configured"
+            "{vm}: stop: no way to force it off is configured"
         ),
         Err(why) => tracing::error!(
             BACKEND = backend_name,
             VM = vm,
-            "stop: forcing it off failed: {why}"
+            "{vm}: stop: forcing it off failed: {why}"
         ),
     }
     reply(

@@ -198,8 +198,9 @@ fn stop_runs_the_stop_command_then_kill_when_it_hangs() {
         format!("stop = [\"{d}/stop-ok\", \"{{vm}}\"]\nkill = [\"{d}/kill\", \"{{vm}}\"]");
     let api = Companion::start(&config(dir.path(), "ok", &graceful), &[]);
     assert_eq!(api.stop_vm("lab", "127.0.0.1").status, 202);
+    // The VM's name is in the message itself, which is all `journalctl -t ssh-on-demand-api` shows.
     api.log.wait_for(PATIENCE, |l| {
-        l.contains("stop: off after a graceful shutdown")
+        l.contains("dev: stop: off after a graceful shutdown")
     });
     assert_eq!(
         fs::read_to_string(dir.path().join("stopped")).unwrap(),
@@ -213,7 +214,7 @@ fn stop_runs_the_stop_command_then_kill_when_it_hangs() {
     let api = Companion::start(&config(dir.path(), "ok", &hanging), &[]);
     assert_eq!(api.stop_vm("lab", "127.0.0.1").status, 202);
     api.log
-        .wait_for(PATIENCE, |l| l.contains("stop: forced off"));
+        .wait_for(PATIENCE, |l| l.contains("dev: stop: forced off"));
     assert_eq!(
         fs::read_to_string(dir.path().join("killed")).unwrap(),
         "dev\n"

@@ -19,10 +19,12 @@ use super::{PATIENCE, log::Log};
 
 /// Name of the cached rootfs; bump the number whenever `debootstrap`'s arguments below change, so that an old
 /// cache is not taken for the new recipe.
-const ROOTFS: &str = "bookworm-2";
+const ROOTFS: &str = "bookworm-3";
 /// systemd, and dbus for `systemctl` and `systemd-analyze security`; man-db so that `systemd-analyze verify`
-/// checks that the unit's `Documentation=man:ssh-on-demand(8)` resolves; procps, which the package depends on.
-const PACKAGES: &str = "systemd,systemd-sysv,dbus,man-db,procps";
+/// checks that the unit's `Documentation=man:ssh-on-demand(8)` resolves; procps, which the package depends on;
+/// openssh-server, as on a stock server (its sshd on port 22, and the "VM" of docs/first-login.md), with
+/// the client the walkthrough logs in with.
+const PACKAGES: &str = "systemd,systemd-sysv,dbus,man-db,procps,openssh-server";
 const MIRROR: &str = "http://deb.debian.org/debian";
 /// The PATH of commands run in the container; ours would be the host's.
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -87,8 +89,34 @@ pub fn cached_rootfs() -> PathBuf {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    // Containers share the host's network unless booted with Network::Private: there, sshd would take the
+    // host's port 22, or fail to. Those that want it enable it (enable_ssh).
+    let status = Command::new("systemctl")
+        .arg(format!("--root={}", partial.display()))
+        .args(["disable", "--quiet", "ssh.service"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "disabling ssh.service in the rootfs");
     fs::rename(&partial, &rootfs).unwrap();
     rootfs
+}
+
+/// Enables sshd at boot in the copy at `root` (before [`Container::boot`] boots it), as on a stock server.
+pub fn enable_ssh(root: &Path) {
+    let status = Command::new("systemctl")
+        .arg(format!("--root={}", root.display()))
+        .args(["enable", "--quiet", "ssh.service"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "enabling ssh.service in the container");
+}
+
+/// The container's network: the host's (its sockets and the host's test servers reach each other over
+/// loopback), or its own with loopback only, where it may listen on any port, 22 included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    Host,
+    Private,
 }
 
 /// target/tmp/nspawn: kept between runs, removed by `cargo clean`.
@@ -119,6 +147,24 @@ fn remove_stale_copies(cache: &Path) {
             let _ = fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// A private copy of `rootfs`, removed when dropped; named after this process, so that a copy left by a killed
+/// run is found and removed.
+pub fn copy(rootfs: &Path) -> TempDir {
+    let root = tempfile::Builder::new()
+        .prefix(&format!("run-{}-", std::process::id()))
+        .tempdir_in(rootfs.parent().unwrap())
+        .unwrap();
+    // A plain copy takes well under a second for this rootfs, and reflinks where the filesystem can.
+    let status = Command::new("cp")
+        .args(["-a", "--reflink=auto"])
+        .arg(rootfs.join("."))
+        .arg(root.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "copying {}", rootfs.display());
+    root
 }
 
 /// A booted container: systemd-nspawn (our child) running systemd from a private copy of the rootfs.
@@ -161,20 +207,14 @@ impl Container {
     }
 
     /// Copies `rootfs`, lets `prepare` write into the copy (files the container should find at boot), then
-    /// boots it and returns once systemd reports the boot finished.
+    /// boots it on the host's network and returns once systemd reports the boot finished.
     pub fn boot(rootfs: &Path, prepare: impl FnOnce(&Path)) -> Container {
-        let root = tempfile::Builder::new()
-            .prefix(&format!("run-{}-", std::process::id()))
-            .tempdir_in(rootfs.parent().unwrap())
-            .unwrap();
-        // A plain copy takes well under a second for this rootfs, and reflinks where the filesystem can.
-        let status = Command::new("cp")
-            .args(["-a", "--reflink=auto"])
-            .arg(rootfs.join("."))
-            .arg(root.path())
-            .status()
-            .unwrap();
-        assert!(status.success(), "copying {}", rootfs.display());
+        Container::boot_on(rootfs, Network::Host, prepare)
+    }
+
+    /// The same on `network`.
+    pub fn boot_on(rootfs: &Path, network: Network, prepare: impl FnOnce(&Path)) -> Container {
+        let root = copy(rootfs);
         prepare(root.path());
 
         let machine = root
@@ -194,6 +234,7 @@ impl Container {
                 "--link-journal=no",
             ])
             .args(["--console=read-only", "--resolv-conf=off", "--timezone=off"])
+            .args((network == Network::Private).then_some("--private-network"))
             .arg(format!("--machine={machine}"))
             .arg(format!("--directory={}", root.path().display()))
             .stdin(Stdio::null())
@@ -394,4 +435,30 @@ fn read_all(mut source: impl std::io::Read) -> Vec<u8> {
     let mut buf = Vec::new();
     let _ = source.read_to_end(&mut buf);
     buf
+}
+
+/// The ```sh blocks of a Markdown document, in order; with `after`, only those that follow the line that
+/// holds it. For documents whose commands the tests run as an operator would.
+pub fn shell_blocks(markdown: &str, after: Option<&str>) -> Vec<String> {
+    let mut lines = markdown.lines();
+    if let Some(marker) = after {
+        assert!(
+            lines.by_ref().any(|line| line.contains(marker)),
+            "no line holds {marker:?}"
+        );
+    }
+    let mut blocks = Vec::new();
+    let mut block: Option<String> = None;
+    for line in lines {
+        match (&mut block, line.trim_end()) {
+            (None, "```sh") => block = Some(String::new()),
+            (Some(_), "```") => blocks.extend(block.take()),
+            (Some(text), _) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    blocks
 }

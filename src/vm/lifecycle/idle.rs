@@ -19,6 +19,20 @@ use crate::{
     },
 };
 
+/// How often a waiter looks at the configuration again while it waits: an operator may change `idle_timeout`,
+/// the keep-warm windows or the stop API meanwhile, and `status` shows the stop time by the configuration as
+/// it is now. A later stop applies at once, an earlier one within this.
+const RECONSIDER: Duration = Duration::from_secs(60);
+
+/// The configuration as it is now, for a waiter: the daemon's current one, or the file read again by a
+/// per-connection process, which may wait long after it read it.
+pub trait Profiles: Send + Sync {
+    /// The profile labelled `label` as configured now, and its API; the same `Arc` while the configuration
+    /// is unchanged. `None` when it cannot be had (the profile is gone, the file is broken): the waiter keeps
+    /// what it has.
+    fn now(&self, label: &str) -> Option<(Arc<Profile>, Arc<Api>)>;
+}
+
 /// How an idle wait ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {
@@ -50,10 +64,15 @@ impl IdleWatch {
     }
 
     /// Waits until the machine says the VM is due, then stops it through `api`, unless a session exists by
-    /// then. Returns once the VM is stopped, kept, or its stop failed; every decision is logged.
-    pub async fn run(self, api: &Api) -> Stopped {
+    /// then; the profile and its API as `profiles` has them now, once they change. Returns once the VM is
+    /// stopped, kept, or its stop failed; every decision is logged.
+    pub async fn run(self, api: Arc<Api>, profiles: &dyn Profiles) -> Stopped {
         let span = info_span!("vm", vm_key = %self.key, profile = %self.profile.label());
-        match self.wait_and_stop(api).instrument(span.clone()).await {
+        match self
+            .wait_and_stop(api, profiles)
+            .instrument(span.clone())
+            .await
+        {
             Ok(stopped) => stopped,
             Err(e) => {
                 span.in_scope(|| warn!("idle wait ended: {e}"));
@@ -62,11 +81,28 @@ impl IdleWatch {
         }
     }
 
-    async fn wait_and_stop(mut self, api: &Api) -> Result<Stopped, StoreError> {
-        let rules = rules(&self.profile);
+    async fn wait_and_stop(
+        mut self,
+        mut api: Arc<Api>,
+        profiles: &dyn Profiles,
+    ) -> Result<Stopped, StoreError> {
+        let mut rules = rules(&self.profile);
         let mut deferred = false;
         loop {
-            tokio::time::sleep(Duration::from_millis(self.due.saturating_sub(now_ms()))).await;
+            // A changed profile goes to the machine at once: it says when the VM is due by the new rules.
+            let changed = match profiles.now(&self.key.profile) {
+                Some((profile, now)) if !Arc::ptr_eq(&profile, &self.profile) => {
+                    (self.profile, api) = (profile, now);
+                    rules = super::rules(&self.profile);
+                    true
+                }
+                _ => false,
+            };
+            if !changed && now_ms() < self.due {
+                let wake = self.due.min(now_ms() + state::millis(RECONSIDER));
+                tokio::time::sleep(Duration::from_millis(wake.saturating_sub(now_ms()))).await;
+                continue;
+            }
             if !self.store.may_decide() {
                 if !deferred {
                     defer(&self.store, &self.key);
@@ -80,7 +116,7 @@ impl IdleWatch {
             match action {
                 Action::WaitUntil(due) => self.due = due,
                 Action::CallStop(vm) => {
-                    return self.stop(api, &view, vm, &me, &rules).await;
+                    return self.stop(&api, &view, vm, &me, &rules).await;
                 }
                 _ => {
                     let why = match view.sessions {

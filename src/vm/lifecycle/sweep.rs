@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use tracing::{Level, warn};
 
-use super::{IdleWatch, Lifecycle, PreWake, Stopped, decision, holder, rules};
+use super::{IdleWatch, Lifecycle, PreWake, Profiles, Stopped, decision, holder, rules};
 use crate::{
     cli::VmScope,
     config::{Config, Profile},
@@ -32,12 +32,13 @@ impl Due {
         }
     }
 
-    /// Runs it; how a stop ended, for the metrics.
-    pub async fn run(self, api: &Api) -> Option<Stopped> {
+    /// Runs it with `api`, an idle wait with its profile as `profiles` has it then; how a stop ended, for
+    /// the metrics.
+    pub async fn run(self, api: Arc<Api>, profiles: &dyn Profiles) -> Option<Stopped> {
         match self {
-            Due::Stop(watch) => Some(watch.run(api).await),
+            Due::Stop(watch) => Some(watch.run(api, profiles).await),
             Due::Wake(wake) => {
-                wake.run(api).await;
+                wake.run(&api).await;
                 None
             }
         }

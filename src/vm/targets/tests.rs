@@ -204,12 +204,82 @@ fn this_host_as_it_is_now() {
     let host = Host::now(ip("::ffff:203.0.113.10"));
     assert!(host.addresses.contains(&ip("203.0.113.10")));
     assert!(host.addresses.contains(&ip("127.0.0.1")), "{host:?}");
+    let listening = [SocketAddr::new(ip("::"), 22)];
     assert_eq!(
-        check(ip("203.0.113.10"), &[], ip("203.0.113.10")),
+        check(
+            sock("203.0.113.10:2222"),
+            &[],
+            ip("203.0.113.10"),
+            &listening
+        ),
         Err(NotAllowed::ThisHost)
     );
     assert_eq!(
-        check(ip("::ffff:0.0.0.0"), &nets(EVERYTHING), ip("203.0.113.10")),
+        check(
+            sock("[::ffff:0.0.0.0]:2222"),
+            &nets(EVERYTHING),
+            ip("203.0.113.10"),
+            &listening
+        ),
         Err(NotAllowed::Unspecified)
     );
+    // The proxy's own port is refused first: listing the address in vm_networks would not help.
+    for allowed in [vec![], nets(&["127.0.0.0/8"])] {
+        assert_eq!(
+            check(
+                sock("127.0.0.1:22"),
+                &allowed,
+                ip("203.0.113.10"),
+                &listening
+            ),
+            Err(NotAllowed::OwnListener(22))
+        );
+    }
+}
+
+fn sock(text: &str) -> SocketAddr {
+    text.parse().unwrap()
+}
+
+/// A listener on every address (`ListenStream=22`, and what a per-connection process must assume) takes its
+/// port on each of the host's addresses, loopback included, however written; other ports, and other hosts,
+/// are not the proxy.
+#[test]
+fn a_listener_on_every_address_is_this_port_on_every_address_of_the_host() {
+    for listening in [sock("[::]:22"), sock("0.0.0.0:22")] {
+        for target in [
+            "127.0.0.1:22",
+            "127.3.4.5:22",
+            "[::1]:22",
+            "203.0.113.10:22",
+            "[::ffff:192.0.2.2]:22",
+        ] {
+            assert!(
+                own_listener(&host(), sock(target), &[listening]),
+                "{target} on {listening}"
+            );
+        }
+        for target in ["127.0.0.1:2222", "192.0.2.7:22", "[2001:db8::7]:22"] {
+            assert!(
+                !own_listener(&host(), sock(target), &[listening]),
+                "{target} on {listening}"
+            );
+        }
+    }
+}
+
+/// A listener on one address (the daemon knows its own) is that address and port only.
+#[test]
+fn a_listener_on_one_address_is_that_address_only() {
+    let listening = [sock("127.0.0.5:2222"), sock("[::ffff:203.0.113.10]:22")];
+    for target in [
+        "127.0.0.5:2222",
+        "[::ffff:127.0.0.5]:2222",
+        "203.0.113.10:22",
+    ] {
+        assert!(own_listener(&host(), sock(target), &listening), "{target}");
+    }
+    for target in ["127.0.0.1:2222", "127.0.0.5:22", "192.0.2.2:22"] {
+        assert!(!own_listener(&host(), sock(target), &listening), "{target}");
+    }
 }

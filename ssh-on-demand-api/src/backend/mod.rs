@@ -6,6 +6,12 @@
 pub mod command;
 pub mod ec2;
 pub mod ec2_credentials;
+// The libvirt backend links libvirt: a cargo feature, so that hosts that never use libvirt need not install it.
+// Without it, a stand-in refuses `type = "libvirt"` when the configuration is read.
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
+#[cfg(not(feature = "libvirt"))]
+#[path = "libvirt_absent.rs"]
 pub mod libvirt;
 pub mod proxmox;
 
