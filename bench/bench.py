@@ -20,10 +20,11 @@ import tempfile
 import threading
 import time
 
+import etcd
 import scenarios
 from benchlib import (
     BENCH, REPO, PYTHON, PROXYD, CIPHER, MiB, GiB, F_SETPIPE_SZ, WITH_LISTEN_FD, BenchError, log, Processes,
-    children, descendants, wait_pid_gone, drain, tail, listening_socket, free_port, cpu_seconds, memory_kib,
+    children, descendants, wait_pid_gone, drain, tail, listening_socket, free_port, reserve_port, cpu_seconds, memory_kib,
     Peer, summary, ratio,
 )
 
@@ -37,6 +38,13 @@ class Bench:
         self.results = {}
         self.made_run_sshd = False
         self.state_tmp = None
+        self.disk_tmp = None
+        self.known_options = {}
+        self.cluster = None
+        # Every VM of the run listens on this port of its own 127.x address, and the proxies are told so
+        # (--vm-port): port 22 belongs to the machine's own sshd on a stock Debian server.
+        self.vm_port_holder = reserve_port()
+        self.vm_port = self.vm_port_holder.getsockname()[1]
 
     # ------------------------------------------------------------ setup
 
@@ -60,10 +68,22 @@ class Bench:
             self.state_tmp = tempfile.mkdtemp(prefix="ssh-on-demand-bench.", dir=shm) if in_memory else self.tmp
         return self.state_tmp
 
+    def disk_root(self):
+        """A scratch directory on disk (/var/tmp, which Debian never puts in memory), for the state on disk."""
+        if self.disk_tmp is None:
+            self.disk_tmp = tempfile.mkdtemp(prefix="ssh-on-demand-bench.", dir="/var/tmp")
+        return self.disk_tmp
+
+    def etcd(self):
+        """The run's etcd cluster (three members on loopback ports), started on first use."""
+        if self.cluster is None:
+            self.cluster = etcd.Cluster(self, 3)
+        return self.cluster
+
     def start_sshd(self):
         vm = self.args.vm_ip
         config = [
-            f"ListenAddress {vm}:22",
+            f"ListenAddress {vm}:{self.vm_port}",
             f"HostKey {self.path('host_key')}",
             "PidFile none",
             f"AuthorizedKeysFile {self.path('authorized_keys')}",
@@ -103,88 +123,114 @@ class Bench:
         listening = drain(proc.stderr, self.path("sshd.log"), b"Server listening on")
         listening.wait(20)
         if proc.poll() is not None or not listening.is_set():
-            raise BenchError(f"sshd did not start listening on {vm}:22 "
+            raise BenchError(f"sshd did not start listening on {vm}:{self.vm_port} "
                              f"(is something else on that port?):\n{tail(self.path('sshd.log'))}")
         self.sshd = proc
-        log(f"sshd 'VM' listening on {vm}:22 (PID {proc.pid})")
+        log(f"sshd 'VM' listening on {vm}:{self.vm_port} (PID {proc.pid})")
 
     def start_api(self):
         self.api_url = self.start_api_for(self.args.vm_ip, "")
 
-    def start_api_for(self, vm, tag):
-        """A start API that answers {"vm_ip": vm} to every call; returns its URL."""
+    def start_api_for(self, vm, tag, kind="one-segment"):
+        """A start API that answers {"vm_ip": vm} to every call, written the `kind` way (peers/start_api.py);
+        returns its URL."""
         sock = listening_socket()
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/start"
         with open(self.path(f"start-api{tag}.log"), "wb") as err:
             self.procs.spawn("start API" + tag, [PYTHON, os.path.join(BENCH, "peers", "start_api.py"),
-                                                 str(sock.fileno()), vm],
+                                                 str(sock.fileno()), vm, kind],
                              pass_fds=[sock.fileno()], stderr=err)
         sock.close()  # the server holds it now, already listening: ready without waiting
-        log(f"start API at {url}, answering {vm}")
+        log(f"start API at {url}, answering {vm} ({kind})")
         return url
 
     def start_peers(self):
         self.peers = self.relays_to(self.args.vm_ip, self.api_url, "")
 
-    def relays_to(self, vm, api_url, tag, callers_only=False):
-        """direct, and every relay of the comparison, to port 22 of `vm`; those that call a start API call
-        `api_url`. `callers_only`: only those. `tag` tells apart the processes and logs of several sets."""
-        peers = [] if callers_only else [Peer("direct", "direct", vm, 22, "direct")]
+    def options_of(self, binary):
+        """The long options `binary` knows (from its --help and its daemon's), so that an older build can run
+        the scenarios too."""
+        if binary not in self.known_options:
+            text = subprocess.run([binary, "--help"], capture_output=True, text=True).stdout
+            has_daemon = any(line.split()[:1] == ["daemon"] for line in text.splitlines())
+            if has_daemon:
+                text += subprocess.run([binary, "daemon", "--help"], capture_output=True, text=True).stdout
+            self.known_options[binary] = {word.split("=")[0].rstrip(",") for word in text.split()
+                                          if word.startswith("--")} | ({"daemon"} if has_daemon else set())
+        return self.known_options[binary]
 
-        def per_connection(name, label, argv, accept=True):
-            sock = listening_socket()
-            with open(self.path(f"{name}{tag}.log"), "wb") as err:
-                proc = self.procs.spawn(label + tag, ["sh", "-c", WITH_LISTEN_FD, "sh", "systemd-socket-activate",
-                                                      *(["-a", "--inetd"] if accept else []), "--", *argv],
-                                        stdin=sock.fileno(), stderr=err)
-            peers.append(Peer(name, label, "127.0.0.1", sock.getsockname()[1],
-                              "per-connection" if accept else "single-process", proc))
-            sock.close()
-
+    def proxy(self, name, label, api_url, tag, daemon=False, state="memory", binary=None, extra=(),
+              guard=True):
+        """ssh-on-demand as a peer: per connection (systemd-socket-activate -a --inetd, as Accept=yes) or the
+        daemon (the listening socket on fd 3, as Accept=no). `state`: its VMs' shared state in memory
+        (tmpfs, like /run on a systemd host), on disk, or "etcd" (the run's three-member cluster).
+        `guard=False`: no start budget per client address and no penalties, for scenarios that cold-start
+        many times from 127.0.0.1."""
+        binary = binary or self.args.binary
+        known = self.options_of(binary)
         open(self.path("empty.toml"), "w").close()  # so that no /etc/ssh-on-demand/config.toml is read
         options = ["--api-url", api_url, "--config", self.path("empty.toml"), "--log-level", "warn",
                    "--log-target", "stderr"]
-        if self.args.state_dir_option:
-            # The VMs' shared state of this set of peers, in a directory of the benchmark's own rather than
-            # /run, but like /run on a systemd host in memory (tmpfs): on ext4 every state update would pay
-            # the flush that ext4 starts when a file is renamed over another.
-            state = os.path.join(self.state_root(), f"state{tag}")
-            os.makedirs(state, exist_ok=True)
-            options += ["--state-dir", state]
-        if self.args.vm_network_option:
+        if "--vm-port" in known:
+            options += ["--vm-port", str(self.vm_port)]
+        if state == "etcd":
+            options += ["--state-store=etcd", f"--host-id=bench{tag}", *self.etcd().endpoint_args()]
+        elif "--state-dir" in known:
+            # The VMs' shared state of this peer, in a directory of the benchmark's own rather than /run. In
+            # memory unless the scenario compares: on ext4 every state update pays the flush that ext4 starts
+            # when a file is renamed over another.
+            root = self.state_root() if state == "memory" else self.disk_root()
+            path = os.path.join(root, f"state{tag}-{name}")
+            os.makedirs(path, exist_ok=True)
+            options += ["--state-dir", path]
+        if "--vm-network" in known:
             # The bench's VMs are loopback addresses, which ssh-on-demand connects to only when told.
             options += ["--vm-network", "127.0.0.0/8"]
-        per_connection("ssh-on-demand", "ssh-on-demand", [self.args.binary, *options])
-        if self.args.daemon:
-            # One long-lived process, its listening socket from systemd-socket-activate (Accept=no).
-            per_connection("daemon", "ssh-on-demand daemon", [self.args.binary, "daemon", *options], accept=False)
-        per_connection("prototype", "python prototype", [
-            PYTHON, os.path.join(BENCH, "peers", "prototype.py"), api_url])
-        if callers_only:
-            return peers
+        if not guard and "--source-start-limit" in known:
+            options += ["--source-start-limit=none", "--penalty-strikes=0"]
+        if daemon and "--max-sessions-per-source" in known:
+            options += ["--max-sessions-per-source=100000"]  # every client of the bench is 127.0.0.1
+        argv = [binary, "daemon", *options] if daemon else [binary, *options]
+        return self.per_connection(name, label, tag, [*argv, *extra], accept=not daemon)
 
-        port = free_port()
-        proc = self.procs.spawn("socat" + tag, ["socat", "-d", "-d",
-                                                f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr",
-                                                f"TCP:{vm}:22"], stderr=subprocess.PIPE)
-        ready = drain(proc.stderr, self.path(f"socat{tag}.log"), b"listening on")
-        ready.wait(10)
-        peer = Peer("socat", "socat", "127.0.0.1", port, "socat", proc)
-        if proc.poll() is not None or not ready.is_set():
-            peer.failed = f"socat did not start listening: {tail(self.path(f'socat{tag}.log'), 3)}"
-        peers.append(peer)
-
+    def per_connection(self, name, label, tag, argv, accept=True):
+        """A peer started by systemd-socket-activate: per connection (`accept`, the connection on fd 0/1) or
+        once, with the listening socket on fd 3."""
         sock = listening_socket()
-        with open(self.path(f"proxyd{tag}.log"), "wb") as err:
-            proc = self.procs.spawn("systemd-socket-proxyd" + tag, [
-                "sh", "-c", WITH_LISTEN_FD, "sh", "systemd-socket-activate", "--", PROXYD, f"{vm}:22"],
-                stdin=sock.fileno(), stderr=err)
-        peers.append(Peer("proxyd", "systemd-socket-proxyd", "127.0.0.1", sock.getsockname()[1],
-                          "single-process", proc))
+        with open(self.path(f"{name}{tag}.log"), "wb") as err:
+            proc = self.procs.spawn(label + tag, ["sh", "-c", WITH_LISTEN_FD, "sh", "systemd-socket-activate",
+                                                  *(["-a", "--inetd"] if accept else []), "--", *argv],
+                                    stdin=sock.fileno(), stderr=err)
+        peer = Peer(name, label, "127.0.0.1", sock.getsockname()[1],
+                    "per-connection" if accept else "single-process", proc)
         sock.close()
+        return peer
 
+    def relays_to(self, vm, api_url, tag, callers_only=False, guard=True):
+        """direct, and every relay of the comparison, to the VM port of `vm`; those that call a start API call
+        `api_url`. `callers_only`: only those. `tag` tells apart the processes and logs of several sets."""
+        port = self.vm_port
+        peers = [] if callers_only else [Peer("direct", "direct", vm, port, "direct")]
+        peers.append(self.proxy("ssh-on-demand", "ssh-on-demand", api_url, tag, guard=guard))
+        if "daemon" in self.options_of(self.args.binary):
+            peers.append(self.proxy("daemon", "ssh-on-demand daemon", api_url, tag, daemon=True, guard=guard))
+        peers.append(self.per_connection("prototype", "python prototype", tag, [
+            PYTHON, os.path.join(BENCH, "peers", "prototype.py"), api_url, str(port)]))
+        if not callers_only:
+            socat_port = free_port()
+            proc = self.procs.spawn("socat" + tag, ["socat", "-d", "-d",
+                                                    f"TCP-LISTEN:{socat_port},bind=127.0.0.1,fork,reuseaddr",
+                                                    f"TCP:{vm}:{port}"], stderr=subprocess.PIPE)
+            ready = drain(proc.stderr, self.path(f"socat{tag}.log"), b"listening on")
+            ready.wait(10)
+            peer = Peer("socat", "socat", "127.0.0.1", socat_port, "socat", proc)
+            if proc.poll() is not None or not ready.is_set():
+                peer.failed = f"socat did not start listening: {tail(self.path(f'socat{tag}.log'), 3)}"
+            peers.append(peer)
+            peers.append(self.per_connection("proxyd", "systemd-socket-proxyd", tag, [PROXYD, f"{vm}:{port}"],
+                                             accept=False))
         for peer in peers:
-            log(f"peer {peer.label:<22} {peer.host}:{peer.port} -> {vm}:22"
+            log(f"peer {peer.label:<22} {peer.host}:{peer.port} -> {vm}:{port}"
                 + (f" (PID {peer.proc.pid})" if peer.proc else ""))
         return peers
 
@@ -471,7 +517,7 @@ class Bench:
                 self.results[name] = getattr(scenarios, name if name != "raw" else "raw_relay")(self)
         self.results["config"] = {
             "runs": self.args.runs, "ident_runs": self.args.ident_runs, "mib": self.args.mib,
-            "reps": self.args.reps, "cipher": CIPHER, "vm": f"{self.args.vm_ip}:22",
+            "reps": self.args.reps, "cipher": CIPHER, "vm": f"{self.args.vm_ip}:{self.vm_port}",
             "binary": self.args.binary, "goal_ms": self.args.goal_ms, "only": self.args.only,
             "raw_mib": self.args.raw_mib, "raw_reps": self.args.raw_reps,
             "readiness_runs": self.args.readiness_runs,
@@ -491,6 +537,9 @@ class Bench:
                 pass
         if self.state_tmp and self.state_tmp != self.tmp:
             shutil.rmtree(self.state_tmp, ignore_errors=True)
+        if self.disk_tmp:
+            shutil.rmtree(self.disk_tmp, ignore_errors=True)
+        self.vm_port_holder.close()
         if self.tmp and not self.args.keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
         elif self.tmp:
@@ -617,7 +666,7 @@ def render_ssh(results, args, add, table):
     """The tables of the scenarios through real ssh sessions to sshd."""
     peers = results["peers"]
     sod = peers["ssh-on-demand"]
-    add(f"VM: sshd on {args.vm_ip}:22, already running (warm). Start API: local Python http.server, "
+    add(f"VM: sshd on {results['config']['vm']}, already running (warm). Start API: local Python http.server, "
         f"{results['start_api_ms']['median']:.2f} ms median per POST (fresh connection, Python client).")
     add("Ratios are value / ssh-on-demand's value. 'vs direct' is the difference from plain ssh to the VM.")
     add("")
@@ -748,8 +797,6 @@ def main():
     # The daemon mode joins the comparison once the binary has it.
     help_text = subprocess.run([args.binary, "--help"], capture_output=True, text=True).stdout
     args.daemon = any(line.split()[:1] == ["daemon"] for line in help_text.splitlines())
-    args.state_dir_option = "--state-dir" in help_text
-    args.vm_network_option = "--vm-network" in help_text
     args.loadavg_at_start = os.getloadavg()[0]
 
     def stop(signum, _frame):

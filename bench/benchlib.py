@@ -148,6 +148,15 @@ def listening_socket(host="127.0.0.1", port=0):
     return sock
 
 
+def reserve_port():
+    """A port for every "VM" of the run, on whatever 127.x address each has: bound on 127.0.0.1 (not
+    listening) and held for the whole run, so the kernel never hands it out as an ephemeral port. A stock
+    Debian server runs its own sshd on 0.0.0.0:22, so the VMs cannot use port 22; the tests do the same."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
 def free_port(host="127.0.0.1"):
     """For tools that want a port number, not a socket (socat): bind port 0, close, hand the number on."""
     with socket.socket() as sock:

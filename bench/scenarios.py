@@ -1,8 +1,8 @@
 """The scenarios without ssh in the path: the relay at line rate, a VM that boots while the client waits,
 and a storm of clients during one boot. See bench/README.md.
 
-Each "VM" here is a loopback address with a tiny server on port 22 that sends an SSH identification
-line at once (peers/rawpeer.py for bulk transfers, peers/stormpeer.py for the storm, a thread of this
+Each "VM" here is a loopback address with a tiny server on the run's VM port (bench.vm_port, as for the
+sshd VM) that sends an SSH identification line at once (peers/rawpeer.py for bulk transfers, peers/stormpeer.py for the storm, a thread of this
 process for readiness),
 so that what is measured is the relays and the proxies, not sshd's own start-up per connection.
 """
@@ -54,11 +54,11 @@ def read_line(sock):
 def raw_relay(bench):
     """1 GiB each way at once through every relay, and the memory an idle session costs a one-process relay."""
     args = bench.args
-    sock = listening_socket(RAW_VM, 22)
+    sock = listening_socket(RAW_VM, bench.vm_port)
     vm = bench.procs.spawn("raw VM", [PYTHON, os.path.join(BENCH, "peers", "rawpeer.py"), "vm",
                                       str(sock.fileno())], pass_fds=[sock.fileno()])
     sock.close()
-    log(f"raw VM on {RAW_VM}:22 (PID {vm.pid})")
+    log(f"raw VM on {RAW_VM}:{bench.vm_port} (PID {vm.pid})")
     api = bench.start_api_for(RAW_VM, "raw")
     peers = [p for p in bench.relays_to(RAW_VM, api, "-raw") if not p.failed]
     floor = splice_floor(bench, RAW_VM)
@@ -105,11 +105,11 @@ def splice_floor(bench, vm):
     sock = listening_socket()
     with open(bench.path("splice-floor.log"), "wb") as err:
         proc = bench.procs.spawn("splice floor", ["sh", "-c", WITH_LISTEN_FD, "sh", "systemd-socket-activate",
-                                                  "-a", "--inetd", "--", binary, vm, "22"],
+                                                  "-a", "--inetd", "--", binary, vm, str(bench.vm_port)],
                                  stdin=sock.fileno(), stderr=err)
     peer = Peer("floor", "splice floor (C)", "127.0.0.1", sock.getsockname()[1], "per-connection", proc)
     sock.close()
-    log(f"peer {peer.label:<22} {peer.host}:{peer.port} -> {vm}:22 (PID {proc.pid})")
+    log(f"peer {peer.label:<22} {peer.host}:{peer.port} -> {vm}:{bench.vm_port} (PID {proc.pid})")
     return peer
 
 
@@ -206,17 +206,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 class BannerVm:
-    """Port 22 of `ip`, answered as sshd answers: the identification line at once, then whatever comes until
+    """Port `port` of `ip`, answered as sshd answers: the identification line at once, then whatever comes until
     the client closes, then close. One thread accepts and sends the line; another closes what ended."""
 
-    def __init__(self, ip):
-        self.ip, self.listener = ip, None
+    def __init__(self, ip, port):
+        self.ip, self.port, self.listener = ip, port, None
         self.watch = selectors.DefaultSelector()
         self.lock = threading.Lock()  # registering, unregistering and closing, never held while waiting
         threading.Thread(target=self.close_ended, daemon=True).start()
 
     def open(self):
-        self.listener = listening_socket(self.ip, 22)
+        self.listener = listening_socket(self.ip, self.port)
         opened = time.perf_counter()
         threading.Thread(target=self.serve, args=(self.listener,), daemon=True).start()
         return opened
@@ -276,11 +276,12 @@ class BannerVm:
 
 
 class SynDrop:
-    """An nftables rule that drops the SYNs to port 22 of `ip`, in a table of the benchmark's own, switched
+    """An nftables rule that drops the SYNs to port `port` of `ip`, in a table of the benchmark's own, switched
     through one `nft -i` process: starting nft for each change would take milliseconds of unknown length."""
 
-    def __init__(self, ip):
-        self.rule = f"add rule ip {NFT_TABLE} input ip daddr {ip} tcp dport 22 tcp flags & (syn | ack) == syn drop"
+    def __init__(self, ip, port):
+        self.rule = (f"add rule ip {NFT_TABLE} input ip daddr {ip} tcp dport {port} "
+                     "tcp flags & (syn | ack) == syn drop")
         self.nft = subprocess.Popen(["nft", "-i"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
         self.command(f"add table ip {NFT_TABLE}")
@@ -348,10 +349,11 @@ def readiness(bench):
     refuses before, and while the VM drops SYNs before."""
     args = bench.args
     api = StartApi(REFUSING_VM)
-    peers = [p for p in bench.relays_to(REFUSING_VM, api.url, "-ready", callers_only=True) if not p.failed]
+    peers = [p for p in bench.relays_to(REFUSING_VM, api.url, "-ready", callers_only=True, guard=False)
+             if not p.failed]
     out = {p.name: {"label": p.label} for p in peers}
-    drop = SynDrop(DROPPING_VM)
-    dropping = BannerVm(DROPPING_VM)
+    drop = SynDrop(DROPPING_VM, bench.vm_port)
+    dropping = BannerVm(DROPPING_VM, bench.vm_port)
     dropping.open()
     try:
         for mode, ip in (("refused", REFUSING_VM), ("dropped", DROPPING_VM)):
@@ -359,7 +361,7 @@ def readiness(bench):
             lags = {p.name: [] for p in peers}
             for i in range(args.readiness_runs):
                 for peer in peers:
-                    lags[peer.name].append(ready_lag(peer, api, mode, args.open_after_ms, drop))
+                    lags[peer.name].append(ready_lag(peer, api, mode, args.open_after_ms, drop, bench.vm_port))
             for peer in peers:
                 out[peer.name][mode] = summary(lags[peer.name])
             log(f"readiness, {mode}: " + ", ".join(
@@ -370,10 +372,10 @@ def readiness(bench):
     return {"runs": args.readiness_runs, "open_after_ms": args.open_after_ms, "peers": out}
 
 
-def ready_lag(peer, api, mode, open_after_ms, drop):
+def ready_lag(peer, api, mode, open_after_ms, drop, port):
     with api.called:
         api.calls.clear()
-    refusing = BannerVm(REFUSING_VM)
+    refusing = BannerVm(REFUSING_VM, port)
     client = Client(peer)
     client.start()
     try:
@@ -401,7 +403,8 @@ def storm(bench):
     clients and the VM are processes of their own (peers/stormpeer.py), each one epoll loop."""
     args = bench.args
     api = StartApi(STORM_VM)
-    peers = [p for p in bench.relays_to(STORM_VM, api.url, "-storm", callers_only=True) if not p.failed]
+    peers = [p for p in bench.relays_to(STORM_VM, api.url, "-storm", callers_only=True, guard=False)
+             if not p.failed]
     peer_script = os.path.join(BENCH, "peers", "stormpeer.py")
     out = {}
     for peer in peers:
@@ -419,7 +422,7 @@ def storm(bench):
         try:
             first = api.first_call()
             time.sleep(max(0.0, first + args.storm_boot_s - time.perf_counter()))
-            listener = listening_socket(STORM_VM, 22)
+            listener = listening_socket(STORM_VM, bench.vm_port)
             up = time.monotonic()
             socket.send_fds(ours, [b"L"], [listener.fileno()])
             listener.close()
