@@ -22,10 +22,11 @@ import time
 
 import etcd
 import scenarios
+import warm
 from benchlib import (
     BENCH, REPO, PYTHON, PROXYD, CIPHER, MiB, GiB, F_SETPIPE_SZ, WITH_LISTEN_FD, BenchError, log, Processes,
     children, descendants, wait_pid_gone, drain, tail, listening_socket, free_port, reserve_port, cpu_seconds, memory_kib,
-    Peer, summary, ratio,
+    Peer, summary, ratio, ident_time,
 )
 
 
@@ -174,7 +175,9 @@ class Bench:
         if "--vm-port" in known:
             options += ["--vm-port", str(self.vm_port)]
         if state == "etcd":
-            options += ["--state-store=etcd", f"--host-id=bench{tag}", *self.etcd().endpoint_args()]
+            # Each set of peers under its own prefix, so that no scenario finds another's VM up.
+            options += ["--state-store=etcd", f"--host-id={name}{tag}", f"--etcd-prefix=/bench{tag}/",
+                        *self.etcd().endpoint_args()]
         elif "--state-dir" in known:
             # The VMs' shared state of this peer, in a directory of the benchmark's own rather than /run. In
             # memory unless the scenario compares: on ext4 every state update pays the flush that ext4 starts
@@ -407,6 +410,36 @@ class Bench:
         finally:
             self.close_session(proc, watchdog, peer)
 
+    def measure_keyscan(self):
+        """Wall time of `ssh-keyscan`, which waits for the server to speak first: ssh-on-demand must take it for
+        a silent client before it can relay it to the running VM."""
+        samples = {p.name: [] for p in self.live_peers()}
+        silent = {p.name: [] for p in self.live_peers()}
+        for i in range(self.args.keyscan_runs):
+            for peer in self.rotated(i):
+                samples[peer.name].append(self.once_more(f"ssh-keyscan via {peer.label}", self.keyscan, peer))
+                silent[peer.name].append(self.once_more(f"silent probe via {peer.label}", self.silent_ident, peer))
+        for peer in self.live_peers():
+            self.result(peer)["keyscan_ms"] = summary(samples[peer.name])
+            self.result(peer)["silent_ident_ms"] = summary(silent[peer.name])
+        log("ssh-keyscan: " + ", ".join(f"{p.label} {statistics.median(samples[p.name]):.0f} ms"
+                                        for p in self.live_peers()))
+
+    def silent_ident(self, peer):
+        took = ident_time(peer.host, peer.port, silent=True)
+        self.quiesce(peer)
+        return took
+
+    def keyscan(self, peer):
+        start = time.perf_counter()
+        out = subprocess.run(["ssh-keyscan", "-T", "10", "-t", "ed25519", "-p", str(peer.port), peer.host],
+                             capture_output=True, text=True, timeout=30)
+        took = (time.perf_counter() - start) * 1000
+        self.quiesce(peer)
+        if "ssh-ed25519" not in out.stdout:
+            raise BenchError(f"ssh-keyscan through {peer.label} got no key: {out.stderr.strip()[-200:]}")
+        return took
+
     def measure_latency(self):
         samples = {p.name: [] for p in self.live_peers()}
         runs = self.args.runs
@@ -507,12 +540,15 @@ class Bench:
             self.measure_half_close()
             self.measure_memory()      # before the bulk runs, so long-lived relays show a one-session peak
             self.measure_ident()
+            self.measure_keyscan()
             self.measure_latency()
             self.measure_throughput()
             for peer in self.peers:
                 if peer.failed:
                     self.result(peer)["failed"] = peer.failed
-        for name in ("raw", "readiness", "storm"):
+        if "warm" in only:
+            self.results["warm"] = warm.warm(self)
+        for name in ("raw", "memory", "readiness", "storm"):
             if name in only:
                 self.results[name] = getattr(scenarios, name if name != "raw" else "raw_relay")(self)
         self.results["config"] = {
@@ -596,20 +632,6 @@ def half_close_probe(host, port, timeout=5.0):
     return result
 
 
-def ident_time(host, port):
-    start = time.perf_counter()
-    with socket.create_connection((host, port), timeout=30) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(b"SSH-2.0-bench\r\n")
-        data = b""
-        while b"\n" not in data:
-            chunk = sock.recv(4096)
-            if not chunk:
-                raise BenchError(f"{host}:{port} closed before its SSH identification")
-            data += chunk
-    return (time.perf_counter() - start) * 1000
-
-
 def environment(args):
     def first_line(argv):
         try:
@@ -659,6 +681,7 @@ def render(results, args):
 
     if "peers" in results:
         render_ssh(results, args, add, table)
+    warm.render(results, add, table)
     scenarios.render(results, add, table)
     return "\n".join(lines)
 
@@ -691,6 +714,24 @@ def render_ssh(results, args, add, table):
           f"connect until the VM's SSH- line arrives, {args.ident_runs} runs (all ms)",
           ["peer", "median", "p90", "vs direct", "ratio", "p10", "vs direct", "VM ident", "vs direct", "ratio"],
           rows)
+
+    if "keyscan_ms" in sod:
+        def cells(name, p, key):
+            s = p[key]
+            return [f"{s['median']:.1f}", f"{s['p90']:.1f}",
+                    "-" if name == "direct" else f"{s['median'] - direct[key]['median']:+.1f}"]
+
+        rows = [[p["label"], *cells(name, p, "silent_ident_ms"), *cells(name, p, "keyscan_ms")]
+                for name, p in peers.items() if "keyscan_ms" in p]
+        table(f"Silent clients of the running VM: 'silent ident' = connect until the VM's SSH- line arrives, sending "
+              f"nothing (as ssh-keyscan and scanners do); ssh-keyscan = its wall time, key exchange included; "
+              f"{args.keyscan_runs} runs per peer, interleaved (ms)",
+              ["peer", "silent ident", "p90", "vs direct", "ssh-keyscan", "p90", "vs direct"], rows)
+        targets = [(p["label"], p["silent_ident_ms"]["median"]) for name, p in peers.items()
+                   if name in ("ssh-on-demand", "daemon") and "silent_ident_ms" in p]
+        add("Goal (issue 19): a silent client of a running VM hears it within 100 ms: " + "; ".join(
+            f"{label} {ms:.0f} ms, {'MET' if ms <= 100 else 'NOT MET'}" for label, ms in targets) + ".")
+        add("")
 
     rows = []
     for name, p in peers.items():
@@ -781,10 +822,20 @@ def main():
                         help="the VM's port opens this long (+0-40 ms) after the start API call (default 200)")
     parser.add_argument("--storm-clients", type=int, default=100)
     parser.add_argument("--storm-boot-s", type=float, default=3.0)
+    parser.add_argument("--storm-hosts", type=int, default=3,
+                        help="proxy hosts (daemons sharing an etcd cluster) in the storm across hosts (default 3)")
     parser.add_argument("--idle-sessions", type=int, default=200,
-                        help="idle sessions held at once to measure a one-process relay's memory (default 200)")
-    parser.add_argument("--only", default=os.environ.get("BENCH_ONLY", "ssh,raw,readiness,storm"),
-                        help="comma-separated scenarios to run: ssh,raw,readiness,storm (env BENCH_ONLY)")
+                        help="idle sessions held at once to measure memory per session (default 200)")
+    parser.add_argument("--keyscan-runs", type=int, default=env_default("BENCH_KEYSCAN_RUNS", 10),
+                        help="ssh-keyscan runs per peer (env BENCH_KEYSCAN_RUNS, default 10)")
+    parser.add_argument("--warm-runs", type=int, default=env_default("BENCH_WARM_RUNS", 200),
+                        help="warm probes per peer of the warm scenario (env BENCH_WARM_RUNS, default 200)")
+    parser.add_argument("--baseline-binary", default=os.environ.get("BENCH_BASELINE_BINARY"),
+                        help="another build, run per connection in the warm scenario (env BENCH_BASELINE_BINARY)")
+    parser.add_argument("--baseline-label", default=os.environ.get("BENCH_BASELINE_LABEL", "baseline"),
+                        help="what the tables call that build, e.g. its commit (env BENCH_BASELINE_LABEL)")
+    parser.add_argument("--only", default=os.environ.get("BENCH_ONLY", "ssh,warm,raw,memory,readiness,storm"),
+                        help="comma-separated scenarios to run: ssh,warm,raw,memory,readiness,storm (env BENCH_ONLY)")
     parser.add_argument("--goal-ms", type=float, default=2.0)
     parser.add_argument("--session-timeout", type=float, default=300.0)
     parser.add_argument("--json", default=os.path.join(BENCH, "results", "latest.json"))
@@ -794,6 +845,8 @@ def main():
             or args.raw_reps < 1:
         parser.error("--vm-ip must be in 127.0.0.0/8 and the counts positive")
     args.binary = os.path.abspath(args.binary)
+    if args.baseline_binary:
+        args.baseline_binary = os.path.abspath(args.baseline_binary)
     # The daemon mode joins the comparison once the binary has it.
     help_text = subprocess.run([args.binary, "--help"], capture_output=True, text=True).stdout
     args.daemon = any(line.split()[:1] == ["daemon"] for line in help_text.splitlines())
