@@ -830,10 +830,19 @@ def main():
                         help="ssh-keyscan runs per peer (env BENCH_KEYSCAN_RUNS, default 10)")
     parser.add_argument("--warm-runs", type=int, default=env_default("BENCH_WARM_RUNS", 200),
                         help="warm probes per peer of the warm scenario (env BENCH_WARM_RUNS, default 200)")
-    parser.add_argument("--baseline-binary", default=os.environ.get("BENCH_BASELINE_BINARY"),
-                        help="another build, run per connection in the warm scenario (env BENCH_BASELINE_BINARY)")
-    parser.add_argument("--baseline-label", default=os.environ.get("BENCH_BASELINE_LABEL", "baseline"),
-                        help="what the tables call that build, e.g. its commit (env BENCH_BASELINE_LABEL)")
+    parser.add_argument("--warm-peers", default=os.environ.get("BENCH_WARM_PEERS"),
+                        help="only these peers of the warm scenario, by name (ssh-on-demand,baseline,daemon,...), "
+                             "for a closer look (env BENCH_WARM_PEERS)")
+    parser.add_argument("--warm-vm", choices=("fast", "sshd"), default=os.environ.get("BENCH_WARM_VM", "fast"),
+                        help="the warm scenario's VM: one that answers at once (default), or the sshd VM "
+                             "(env BENCH_WARM_VM)")
+    parser.add_argument("--baseline-binary", action="append",
+                        default=[os.environ["BENCH_BASELINE_BINARY"]] if os.environ.get("BENCH_BASELINE_BINARY") else [],
+                        help="another build, run next to this one per connection and as the daemon in the warm "
+                             "scenario and in the memory scenario; may be repeated (env BENCH_BASELINE_BINARY)")
+    parser.add_argument("--baseline-label", action="append",
+                        default=[os.environ["BENCH_BASELINE_LABEL"]] if os.environ.get("BENCH_BASELINE_LABEL") else [],
+                        help="what the tables call each of those builds, e.g. its commit (env BENCH_BASELINE_LABEL)")
     parser.add_argument("--only", default=os.environ.get("BENCH_ONLY", "ssh,warm,raw,memory,readiness,storm"),
                         help="comma-separated scenarios to run: ssh,warm,raw,memory,readiness,storm (env BENCH_ONLY)")
     parser.add_argument("--goal-ms", type=float, default=2.0)
@@ -845,8 +854,11 @@ def main():
             or args.raw_reps < 1:
         parser.error("--vm-ip must be in 127.0.0.0/8 and the counts positive")
     args.binary = os.path.abspath(args.binary)
-    if args.baseline_binary:
-        args.baseline_binary = os.path.abspath(args.baseline_binary)
+    labels = args.baseline_label + [f"baseline {i + 1}" for i in range(len(args.baseline_label),
+                                                                       len(args.baseline_binary))]
+    # (name, label, path): the peers' names are baseline, baseline2, ...
+    args.baselines = [(f"baseline{i + 1 if i else ''}", label, os.path.abspath(path))
+                      for i, (path, label) in enumerate(zip(args.baseline_binary, labels))]
     # The daemon mode joins the comparison once the binary has it.
     help_text = subprocess.run([args.binary, "--help"], capture_output=True, text=True).stdout
     args.daemon = any(line.split()[:1] == ["daemon"] for line in help_text.splitlines())

@@ -61,6 +61,7 @@ def raw_peers(bench, tag):
         log(f"raw VM on {RAW_VM}:{bench.vm_port} (PID {bench.raw_vm.pid})")
     api = bench.start_api_for(RAW_VM, tag)
     peers = [p for p in bench.relays_to(RAW_VM, api, tag) if not p.failed]
+    peers[0].api_url = api
     floor = splice_floor(bench, RAW_VM, tag)
     if floor:
         peers.append(floor)
@@ -144,7 +145,10 @@ def transfer(peer, nbytes):
 def memory(bench):
     """Memory per idle session, `idle_sessions` held at once through each relay to the raw VM."""
     out = {}
-    for peer in raw_peers(bench, "-mem"):
+    peers = raw_peers(bench, "-mem")
+    for i, (name, label, path) in enumerate(bench.args.baselines):
+        peers.insert(2 + i, bench.proxy(name, f"ssh-on-demand, {label}", peers[0].api_url, "-mem", binary=path))
+    for peer in peers:
         if peer.kind == "direct" or peer.name == "prototype":  # 200 Python interpreters measure nothing new
             continue
         out[peer.name] = dict(label=peer.label, **idle_session_memory(peer, bench.args.idle_sessions))
