@@ -266,7 +266,7 @@ def render(results, add, table):
         writes = peers.get(name, {}).get("writes")
         if writes:
             add(f"  Files written per warm login, {peers[name]['label']}: " + "; ".join(
-                f"VM {case}: {w['session_files']:.0f} session file (removed {w['sessions_removed']:.0f}), "
-                f"{w['state_json']:.0f} VM record, {w['source_records']:.0f} source record"
+                f"VM {case}: {w['session_files']:g} session file (removed {w['sessions_removed']:g}), "
+                f"{w['state_json']:g} VM record, {w['source_records']:g} source record"
                 for case, w in writes.items()))
     add("")
