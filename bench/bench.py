@@ -20,11 +20,13 @@ import tempfile
 import threading
 import time
 
+import etcd
 import scenarios
+import warm
 from benchlib import (
     BENCH, REPO, PYTHON, PROXYD, CIPHER, MiB, GiB, F_SETPIPE_SZ, WITH_LISTEN_FD, BenchError, log, Processes,
-    children, descendants, wait_pid_gone, drain, tail, listening_socket, free_port, cpu_seconds, memory_kib,
-    Peer, summary, ratio,
+    children, descendants, wait_pid_gone, drain, tail, listening_socket, free_port, reserve_port, cpu_seconds, memory_kib,
+    Peer, summary, ratio, ident_time,
 )
 
 
@@ -37,6 +39,13 @@ class Bench:
         self.results = {}
         self.made_run_sshd = False
         self.state_tmp = None
+        self.disk_tmp = None
+        self.known_options = {}
+        self.cluster = None
+        # Every VM of the run listens on this port of its own 127.x address, and the proxies are told so
+        # (--vm-port): port 22 belongs to the machine's own sshd on a stock Debian server.
+        self.vm_port_holder = reserve_port()
+        self.vm_port = self.vm_port_holder.getsockname()[1]
 
     # ------------------------------------------------------------ setup
 
@@ -60,10 +69,22 @@ class Bench:
             self.state_tmp = tempfile.mkdtemp(prefix="ssh-on-demand-bench.", dir=shm) if in_memory else self.tmp
         return self.state_tmp
 
+    def disk_root(self):
+        """A scratch directory on disk (/var/tmp, which Debian never puts in memory), for the state on disk."""
+        if self.disk_tmp is None:
+            self.disk_tmp = tempfile.mkdtemp(prefix="ssh-on-demand-bench.", dir="/var/tmp")
+        return self.disk_tmp
+
+    def etcd(self):
+        """The run's etcd cluster (three members on loopback ports), started on first use."""
+        if self.cluster is None:
+            self.cluster = etcd.Cluster(self, 3)
+        return self.cluster
+
     def start_sshd(self):
         vm = self.args.vm_ip
         config = [
-            f"ListenAddress {vm}:22",
+            f"ListenAddress {vm}:{self.vm_port}",
             f"HostKey {self.path('host_key')}",
             "PidFile none",
             f"AuthorizedKeysFile {self.path('authorized_keys')}",
@@ -103,88 +124,116 @@ class Bench:
         listening = drain(proc.stderr, self.path("sshd.log"), b"Server listening on")
         listening.wait(20)
         if proc.poll() is not None or not listening.is_set():
-            raise BenchError(f"sshd did not start listening on {vm}:22 "
+            raise BenchError(f"sshd did not start listening on {vm}:{self.vm_port} "
                              f"(is something else on that port?):\n{tail(self.path('sshd.log'))}")
         self.sshd = proc
-        log(f"sshd 'VM' listening on {vm}:22 (PID {proc.pid})")
+        log(f"sshd 'VM' listening on {vm}:{self.vm_port} (PID {proc.pid})")
 
     def start_api(self):
         self.api_url = self.start_api_for(self.args.vm_ip, "")
 
-    def start_api_for(self, vm, tag):
-        """A start API that answers {"vm_ip": vm} to every call; returns its URL."""
+    def start_api_for(self, vm, tag, kind="one-segment"):
+        """A start API that answers {"vm_ip": vm} to every call, written the `kind` way (peers/start_api.py);
+        returns its URL."""
         sock = listening_socket()
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/start"
         with open(self.path(f"start-api{tag}.log"), "wb") as err:
             self.procs.spawn("start API" + tag, [PYTHON, os.path.join(BENCH, "peers", "start_api.py"),
-                                                 str(sock.fileno()), vm],
+                                                 str(sock.fileno()), vm, kind],
                              pass_fds=[sock.fileno()], stderr=err)
         sock.close()  # the server holds it now, already listening: ready without waiting
-        log(f"start API at {url}, answering {vm}")
+        log(f"start API at {url}, answering {vm} ({kind})")
         return url
 
     def start_peers(self):
         self.peers = self.relays_to(self.args.vm_ip, self.api_url, "")
 
-    def relays_to(self, vm, api_url, tag, callers_only=False):
-        """direct, and every relay of the comparison, to port 22 of `vm`; those that call a start API call
-        `api_url`. `callers_only`: only those. `tag` tells apart the processes and logs of several sets."""
-        peers = [] if callers_only else [Peer("direct", "direct", vm, 22, "direct")]
+    def options_of(self, binary):
+        """The long options `binary` knows (from its --help and its daemon's), so that an older build can run
+        the scenarios too."""
+        if binary not in self.known_options:
+            text = subprocess.run([binary, "--help"], capture_output=True, text=True).stdout
+            has_daemon = any(line.split()[:1] == ["daemon"] for line in text.splitlines())
+            if has_daemon:
+                text += subprocess.run([binary, "daemon", "--help"], capture_output=True, text=True).stdout
+            self.known_options[binary] = {word.split("=")[0].rstrip(",") for word in text.split()
+                                          if word.startswith("--")} | ({"daemon"} if has_daemon else set())
+        return self.known_options[binary]
 
-        def per_connection(name, label, argv, accept=True):
-            sock = listening_socket()
-            with open(self.path(f"{name}{tag}.log"), "wb") as err:
-                proc = self.procs.spawn(label + tag, ["sh", "-c", WITH_LISTEN_FD, "sh", "systemd-socket-activate",
-                                                      *(["-a", "--inetd"] if accept else []), "--", *argv],
-                                        stdin=sock.fileno(), stderr=err)
-            peers.append(Peer(name, label, "127.0.0.1", sock.getsockname()[1],
-                              "per-connection" if accept else "single-process", proc))
-            sock.close()
-
+    def proxy(self, name, label, api_url, tag, daemon=False, state="memory", binary=None, extra=(),
+              guard=True):
+        """ssh-on-demand as a peer: per connection (systemd-socket-activate -a --inetd, as Accept=yes) or the
+        daemon (the listening socket on fd 3, as Accept=no). `state`: its VMs' shared state in memory
+        (tmpfs, like /run on a systemd host), on disk, or "etcd" (the run's three-member cluster).
+        `guard=False`: no start budget per client address and no penalties, for scenarios that cold-start
+        many times from 127.0.0.1."""
+        binary = binary or self.args.binary
+        known = self.options_of(binary)
         open(self.path("empty.toml"), "w").close()  # so that no /etc/ssh-on-demand/config.toml is read
         options = ["--api-url", api_url, "--config", self.path("empty.toml"), "--log-level", "warn",
                    "--log-target", "stderr"]
-        if self.args.state_dir_option:
-            # The VMs' shared state of this set of peers, in a directory of the benchmark's own rather than
-            # /run, but like /run on a systemd host in memory (tmpfs): on ext4 every state update would pay
-            # the flush that ext4 starts when a file is renamed over another.
-            state = os.path.join(self.state_root(), f"state{tag}")
-            os.makedirs(state, exist_ok=True)
-            options += ["--state-dir", state]
-        if self.args.vm_network_option:
+        if "--vm-port" in known:
+            options += ["--vm-port", str(self.vm_port)]
+        if state == "etcd":
+            # Each set of peers under its own prefix, so that no scenario finds another's VM up.
+            options += ["--state-store=etcd", f"--host-id={name}{tag}", f"--etcd-prefix=/bench{tag}/",
+                        *self.etcd().endpoint_args()]
+        elif "--state-dir" in known:
+            # The VMs' shared state of this peer, in a directory of the benchmark's own rather than /run. In
+            # memory unless the scenario compares: on ext4 every state update pays the flush that ext4 starts
+            # when a file is renamed over another.
+            root = self.state_root() if state == "memory" else self.disk_root()
+            path = os.path.join(root, f"state{tag}-{name}")
+            os.makedirs(path, exist_ok=True)
+            options += ["--state-dir", path]
+        if "--vm-network" in known:
             # The bench's VMs are loopback addresses, which ssh-on-demand connects to only when told.
             options += ["--vm-network", "127.0.0.0/8"]
-        per_connection("ssh-on-demand", "ssh-on-demand", [self.args.binary, *options])
-        if self.args.daemon:
-            # One long-lived process, its listening socket from systemd-socket-activate (Accept=no).
-            per_connection("daemon", "ssh-on-demand daemon", [self.args.binary, "daemon", *options], accept=False)
-        per_connection("prototype", "python prototype", [
-            PYTHON, os.path.join(BENCH, "peers", "prototype.py"), api_url])
-        if callers_only:
-            return peers
+        if not guard and "--source-start-limit" in known:
+            options += ["--source-start-limit=none", "--penalty-strikes=0"]
+        if daemon and "--max-sessions-per-source" in known:
+            options += ["--max-sessions-per-source=100000"]  # every client of the bench is 127.0.0.1
+        argv = [binary, "daemon", *options] if daemon else [binary, *options]
+        return self.per_connection(name, label, tag, [*argv, *extra], accept=not daemon)
 
-        port = free_port()
-        proc = self.procs.spawn("socat" + tag, ["socat", "-d", "-d",
-                                                f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr",
-                                                f"TCP:{vm}:22"], stderr=subprocess.PIPE)
-        ready = drain(proc.stderr, self.path(f"socat{tag}.log"), b"listening on")
-        ready.wait(10)
-        peer = Peer("socat", "socat", "127.0.0.1", port, "socat", proc)
-        if proc.poll() is not None or not ready.is_set():
-            peer.failed = f"socat did not start listening: {tail(self.path(f'socat{tag}.log'), 3)}"
-        peers.append(peer)
-
+    def per_connection(self, name, label, tag, argv, accept=True):
+        """A peer started by systemd-socket-activate: per connection (`accept`, the connection on fd 0/1) or
+        once, with the listening socket on fd 3."""
         sock = listening_socket()
-        with open(self.path(f"proxyd{tag}.log"), "wb") as err:
-            proc = self.procs.spawn("systemd-socket-proxyd" + tag, [
-                "sh", "-c", WITH_LISTEN_FD, "sh", "systemd-socket-activate", "--", PROXYD, f"{vm}:22"],
-                stdin=sock.fileno(), stderr=err)
-        peers.append(Peer("proxyd", "systemd-socket-proxyd", "127.0.0.1", sock.getsockname()[1],
-                          "single-process", proc))
+        with open(self.path(f"{name}{tag}.log"), "wb") as err:
+            proc = self.procs.spawn(label + tag, ["sh", "-c", WITH_LISTEN_FD, "sh", "systemd-socket-activate",
+                                                  *(["-a", "--inetd"] if accept else []), "--", *argv],
+                                    stdin=sock.fileno(), stderr=err)
+        peer = Peer(name, label, "127.0.0.1", sock.getsockname()[1],
+                    "per-connection" if accept else "single-process", proc)
         sock.close()
+        return peer
 
+    def relays_to(self, vm, api_url, tag, callers_only=False, guard=True):
+        """direct, and every relay of the comparison, to the VM port of `vm`; those that call a start API call
+        `api_url`. `callers_only`: only those. `tag` tells apart the processes and logs of several sets."""
+        port = self.vm_port
+        peers = [] if callers_only else [Peer("direct", "direct", vm, port, "direct")]
+        peers.append(self.proxy("ssh-on-demand", "ssh-on-demand", api_url, tag, guard=guard))
+        if "daemon" in self.options_of(self.args.binary):
+            peers.append(self.proxy("daemon", "ssh-on-demand daemon", api_url, tag, daemon=True, guard=guard))
+        peers.append(self.per_connection("prototype", "python prototype", tag, [
+            PYTHON, os.path.join(BENCH, "peers", "prototype.py"), api_url, str(port)]))
+        if not callers_only:
+            socat_port = free_port()
+            proc = self.procs.spawn("socat" + tag, ["socat", "-d", "-d",
+                                                    f"TCP-LISTEN:{socat_port},bind=127.0.0.1,fork,reuseaddr",
+                                                    f"TCP:{vm}:{port}"], stderr=subprocess.PIPE)
+            ready = drain(proc.stderr, self.path(f"socat{tag}.log"), b"listening on")
+            ready.wait(10)
+            peer = Peer("socat", "socat", "127.0.0.1", socat_port, "socat", proc)
+            if proc.poll() is not None or not ready.is_set():
+                peer.failed = f"socat did not start listening: {tail(self.path(f'socat{tag}.log'), 3)}"
+            peers.append(peer)
+            peers.append(self.per_connection("proxyd", "systemd-socket-proxyd", tag, [PROXYD, f"{vm}:{port}"],
+                                             accept=False))
         for peer in peers:
-            log(f"peer {peer.label:<22} {peer.host}:{peer.port} -> {vm}:22"
+            log(f"peer {peer.label:<22} {peer.host}:{peer.port} -> {vm}:{port}"
                 + (f" (PID {peer.proc.pid})" if peer.proc else ""))
         return peers
 
@@ -361,6 +410,36 @@ class Bench:
         finally:
             self.close_session(proc, watchdog, peer)
 
+    def measure_keyscan(self):
+        """Wall time of `ssh-keyscan`, which waits for the server to speak first: ssh-on-demand must take it for
+        a silent client before it can relay it to the running VM."""
+        samples = {p.name: [] for p in self.live_peers()}
+        silent = {p.name: [] for p in self.live_peers()}
+        for i in range(self.args.keyscan_runs):
+            for peer in self.rotated(i):
+                samples[peer.name].append(self.once_more(f"ssh-keyscan via {peer.label}", self.keyscan, peer))
+                silent[peer.name].append(self.once_more(f"silent probe via {peer.label}", self.silent_ident, peer))
+        for peer in self.live_peers():
+            self.result(peer)["keyscan_ms"] = summary(samples[peer.name])
+            self.result(peer)["silent_ident_ms"] = summary(silent[peer.name])
+        log("ssh-keyscan: " + ", ".join(f"{p.label} {statistics.median(samples[p.name]):.0f} ms"
+                                        for p in self.live_peers()))
+
+    def silent_ident(self, peer):
+        took = ident_time(peer.host, peer.port, silent=True)
+        self.quiesce(peer)
+        return took
+
+    def keyscan(self, peer):
+        start = time.perf_counter()
+        out = subprocess.run(["ssh-keyscan", "-T", "10", "-t", "ed25519", "-p", str(peer.port), peer.host],
+                             capture_output=True, text=True, timeout=30)
+        took = (time.perf_counter() - start) * 1000
+        self.quiesce(peer)
+        if "ssh-ed25519" not in out.stdout:
+            raise BenchError(f"ssh-keyscan through {peer.label} got no key: {out.stderr.strip()[-200:]}")
+        return took
+
     def measure_latency(self):
         samples = {p.name: [] for p in self.live_peers()}
         runs = self.args.runs
@@ -461,17 +540,20 @@ class Bench:
             self.measure_half_close()
             self.measure_memory()      # before the bulk runs, so long-lived relays show a one-session peak
             self.measure_ident()
+            self.measure_keyscan()
             self.measure_latency()
             self.measure_throughput()
             for peer in self.peers:
                 if peer.failed:
                     self.result(peer)["failed"] = peer.failed
-        for name in ("raw", "readiness", "storm", "resume"):
+        if "warm" in only:
+            self.results["warm"] = warm.warm(self)
+        for name in ("raw", "memory", "readiness", "storm", "resume"):
             if name in only:
                 self.results[name] = getattr(scenarios, name if name != "raw" else "raw_relay")(self)
         self.results["config"] = {
             "runs": self.args.runs, "ident_runs": self.args.ident_runs, "mib": self.args.mib,
-            "reps": self.args.reps, "cipher": CIPHER, "vm": f"{self.args.vm_ip}:22",
+            "reps": self.args.reps, "cipher": CIPHER, "vm": f"{self.args.vm_ip}:{self.vm_port}",
             "binary": self.args.binary, "goal_ms": self.args.goal_ms, "only": self.args.only,
             "raw_mib": self.args.raw_mib, "raw_reps": self.args.raw_reps,
             "readiness_runs": self.args.readiness_runs,
@@ -492,6 +574,9 @@ class Bench:
                 pass
         if self.state_tmp and self.state_tmp != self.tmp:
             shutil.rmtree(self.state_tmp, ignore_errors=True)
+        if self.disk_tmp:
+            shutil.rmtree(self.disk_tmp, ignore_errors=True)
+        self.vm_port_holder.close()
         if self.tmp and not self.args.keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
         elif self.tmp:
@@ -548,20 +633,6 @@ def half_close_probe(host, port, timeout=5.0):
     return result
 
 
-def ident_time(host, port):
-    start = time.perf_counter()
-    with socket.create_connection((host, port), timeout=30) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(b"SSH-2.0-bench\r\n")
-        data = b""
-        while b"\n" not in data:
-            chunk = sock.recv(4096)
-            if not chunk:
-                raise BenchError(f"{host}:{port} closed before its SSH identification")
-            data += chunk
-    return (time.perf_counter() - start) * 1000
-
-
 def environment(args):
     def first_line(argv):
         try:
@@ -611,6 +682,7 @@ def render(results, args):
 
     if "peers" in results:
         render_ssh(results, args, add, table)
+    warm.render(results, add, table)
     scenarios.render(results, add, table)
     return "\n".join(lines)
 
@@ -618,7 +690,7 @@ def render_ssh(results, args, add, table):
     """The tables of the scenarios through real ssh sessions to sshd."""
     peers = results["peers"]
     sod = peers["ssh-on-demand"]
-    add(f"VM: sshd on {args.vm_ip}:22, already running (warm). Start API: local Python http.server, "
+    add(f"VM: sshd on {results['config']['vm']}, already running (warm). Start API: local Python http.server, "
         f"{results['start_api_ms']['median']:.2f} ms median per POST (fresh connection, Python client).")
     add("Ratios are value / ssh-on-demand's value. 'vs direct' is the difference from plain ssh to the VM.")
     add("")
@@ -643,6 +715,24 @@ def render_ssh(results, args, add, table):
           f"connect until the VM's SSH- line arrives, {args.ident_runs} runs (all ms)",
           ["peer", "median", "p90", "vs direct", "ratio", "p10", "vs direct", "VM ident", "vs direct", "ratio"],
           rows)
+
+    if "keyscan_ms" in sod:
+        def cells(name, p, key):
+            s = p[key]
+            return [f"{s['median']:.1f}", f"{s['p90']:.1f}",
+                    "-" if name == "direct" else f"{s['median'] - direct[key]['median']:+.1f}"]
+
+        rows = [[p["label"], *cells(name, p, "silent_ident_ms"), *cells(name, p, "keyscan_ms")]
+                for name, p in peers.items() if "keyscan_ms" in p]
+        table(f"Silent clients of the running VM: 'silent ident' = connect until the VM's SSH- line arrives, sending "
+              f"nothing (as ssh-keyscan and scanners do); ssh-keyscan = its wall time, key exchange included; "
+              f"{args.keyscan_runs} runs per peer, interleaved (ms)",
+              ["peer", "silent ident", "p90", "vs direct", "ssh-keyscan", "p90", "vs direct"], rows)
+        targets = [(p["label"], p["silent_ident_ms"]["median"]) for name, p in peers.items()
+                   if name in ("ssh-on-demand", "daemon") and "silent_ident_ms" in p]
+        add("Goal (issue 19): a silent client of a running VM hears it within 100 ms: " + "; ".join(
+            f"{label} {ms:.0f} ms, {'MET' if ms <= 100 else 'NOT MET'}" for label, ms in targets) + ".")
+        add("")
 
     rows = []
     for name, p in peers.items():
@@ -733,15 +823,34 @@ def main():
                         help="the VM's port opens this long (+0-40 ms) after the start API call (default 200)")
     parser.add_argument("--storm-clients", type=int, default=100)
     parser.add_argument("--storm-boot-s", type=float, default=3.0)
+    parser.add_argument("--storm-hosts", type=int, default=3,
+                        help="proxy hosts (daemons sharing an etcd cluster) in the storm across hosts (default 3)")
     parser.add_argument("--idle-sessions", type=int, default=200,
-                        help="idle sessions held at once to measure a one-process relay's memory (default 200)")
+                        help="idle sessions held at once to measure memory per session (default 200)")
     parser.add_argument("--resume-runs", type=int, default=env_default("BENCH_RESUME_RUNS", 3),
                         help="cold boots and resumes of the real VM (env BENCH_RESUME_RUNS, default 3)")
     parser.add_argument("--companion", default=os.environ.get("BENCH_COMPANION", os.path.join(
                         REPO, "target", "release", "ssh-on-demand-api")),
                         help="the companion start/stop API, for the resume scenario (env BENCH_COMPANION)")
-    parser.add_argument("--only", default=os.environ.get("BENCH_ONLY", "ssh,raw,readiness,storm,resume"),
-                        help="comma-separated scenarios to run: ssh,raw,readiness,storm,resume (env BENCH_ONLY)")
+    parser.add_argument("--keyscan-runs", type=int, default=env_default("BENCH_KEYSCAN_RUNS", 10),
+                        help="ssh-keyscan runs per peer (env BENCH_KEYSCAN_RUNS, default 10)")
+    parser.add_argument("--warm-runs", type=int, default=env_default("BENCH_WARM_RUNS", 200),
+                        help="warm probes per peer of the warm scenario (env BENCH_WARM_RUNS, default 200)")
+    parser.add_argument("--warm-peers", default=os.environ.get("BENCH_WARM_PEERS"),
+                        help="only these peers of the warm scenario, by name (ssh-on-demand,baseline,daemon,...), "
+                             "for a closer look (env BENCH_WARM_PEERS)")
+    parser.add_argument("--warm-vm", choices=("fast", "sshd"), default=os.environ.get("BENCH_WARM_VM", "fast"),
+                        help="the warm scenario's VM: one that answers at once (default), or the sshd VM "
+                             "(env BENCH_WARM_VM)")
+    parser.add_argument("--baseline-binary", action="append",
+                        default=[os.environ["BENCH_BASELINE_BINARY"]] if os.environ.get("BENCH_BASELINE_BINARY") else [],
+                        help="another build, run next to this one per connection and as the daemon in the warm "
+                             "scenario and in the memory scenario; may be repeated (env BENCH_BASELINE_BINARY)")
+    parser.add_argument("--baseline-label", action="append",
+                        default=[os.environ["BENCH_BASELINE_LABEL"]] if os.environ.get("BENCH_BASELINE_LABEL") else [],
+                        help="what the tables call each of those builds, e.g. its commit (env BENCH_BASELINE_LABEL)")
+    parser.add_argument("--only", default=os.environ.get("BENCH_ONLY", "ssh,warm,raw,memory,readiness,storm,resume"),
+                        help="comma-separated scenarios to run: ssh,warm,raw,memory,readiness,storm,resume (env BENCH_ONLY)")
     parser.add_argument("--goal-ms", type=float, default=2.0)
     parser.add_argument("--session-timeout", type=float, default=300.0)
     parser.add_argument("--json", default=os.path.join(BENCH, "results", "latest.json"))
@@ -752,11 +861,14 @@ def main():
         parser.error("--vm-ip must be in 127.0.0.0/8 and the counts positive")
     args.binary = os.path.abspath(args.binary)
     args.companion = os.path.abspath(args.companion)
+    labels = args.baseline_label + [f"baseline {i + 1}" for i in range(len(args.baseline_label),
+                                                                       len(args.baseline_binary))]
+    # (name, label, path): the peers' names are baseline, baseline2, ...
+    args.baselines = [(f"baseline{i + 1 if i else ''}", label, os.path.abspath(path))
+                      for i, (path, label) in enumerate(zip(args.baseline_binary, labels))]
     # The daemon mode joins the comparison once the binary has it.
     help_text = subprocess.run([args.binary, "--help"], capture_output=True, text=True).stdout
     args.daemon = any(line.split()[:1] == ["daemon"] for line in help_text.splitlines())
-    args.state_dir_option = "--state-dir" in help_text
-    args.vm_network_option = "--vm-network" in help_text
     args.loadavg_at_start = os.getloadavg()[0]
 
     def stop(signum, _frame):

@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
@@ -148,11 +149,37 @@ def listening_socket(host="127.0.0.1", port=0):
     return sock
 
 
+def reserve_port():
+    """A port for every "VM" of the run, on whatever 127.x address each has: bound on 127.0.0.1 (not
+    listening) and held for the whole run, so the kernel never hands it out as an ephemeral port. A stock
+    Debian server runs its own sshd on 0.0.0.0:22, so the VMs cannot use port 22; the tests do the same."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
 def free_port(host="127.0.0.1"):
     """For tools that want a port number, not a socket (socat): bind port 0, close, hand the number on."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def ident_time(host, port, silent=False):
+    """ms from connect until the VM's SSH- line arrives; `silent`: without sending ours first, as ssh-keyscan
+    and scanners do."""
+    start = time.perf_counter()
+    with socket.create_connection((host, port), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not silent:
+            sock.sendall(b"SSH-2.0-bench\r\n")
+        data = b""
+        while b"\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise BenchError(f"{host}:{port} closed before its SSH identification")
+            data += chunk
+    return (time.perf_counter() - start) * 1000
 
 
 # ---------------------------------------------------------------- /proc readings
@@ -234,6 +261,7 @@ class Peer:
         self.kind = kind          # direct | per-connection | socat | single-process
         self.proc = proc          # the process we started for it
         self.failed = None        # why it was dropped from the run, if it was
+        self.hosts = [self]       # where its clients connect: several for proxy hosts sharing one store
 
     def proxy_pid(self, ssh_pid):
         """The process that relays the ssh client `ssh_pid`'s connection, while that connection is open."""

@@ -4,11 +4,11 @@
 Run once per connection by systemd (Accept=yes, StandardInput=socket) or by
 `systemd-socket-activate -a --inetd`: the client's socket is stdin.
   1. blocking POST to the start API, which answers {"vm_ip": "..."} or the IP as plain text;
-  2. wait for the VM: try a TCP connect to port 22 at once, and every 2 s after a failure; a
+  2. wait for the VM: try a TCP connect to the VM's sshd port at once, and every 2 s after a failure; a
      successful connect counts as ready (no check for sshd's SSH- line);
   3. relay with select() until either side reaches EOF, then close everything. This is the known
      flaw: a client that half-closes (shutdown(SHUT_WR)) loses what the VM still had to send.
-Usage: prototype.py API_URL
+Usage: prototype.py API_URL [VM_PORT]   (VM_PORT: 22 unless given)
 """
 import select
 import socket
@@ -30,11 +30,11 @@ def start_vm(api_url, client):
     return answer.text.strip()
 
 
-def wait_for_vm(vm_ip):
+def wait_for_vm(vm_ip, port):
     deadline = time.monotonic() + BOOT_TIMEOUT
     while True:
         try:
-            return socket.create_connection((vm_ip, 22), timeout=RETRY_EVERY)
+            return socket.create_connection((vm_ip, port), timeout=RETRY_EVERY)
         except OSError:
             if time.monotonic() + RETRY_EVERY > deadline:
                 raise
@@ -57,7 +57,7 @@ def relay(client, vm):
 
 def main():
     client = socket.socket(fileno=0)
-    vm = wait_for_vm(start_vm(sys.argv[1], client))
+    vm = wait_for_vm(start_vm(sys.argv[1], client), int(sys.argv[2]) if len(sys.argv) > 2 else 22)
     try:
         relay(client, vm)
     finally:

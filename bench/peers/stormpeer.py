@@ -7,8 +7,10 @@ Python process measured mostly how Python shares its lock).
                                      (SCM_RIGHTS) the moment the benchmark opens it; then answer every
                                      connection with an SSH identification line at once and close it when
                                      its client does; exit when CTRL_FD closes
-  stormpeer.py clients HOST PORT N TIMEOUT
-                                     open N connections at once, send an SSH identification on each, note
+  stormpeer.py vm-fd FD              the same, on the already listening socket FD (inherited), until killed
+  stormpeer.py clients HOST:PORT[,HOST:PORT...] N TIMEOUT
+                                     open N connections at once (taking the addresses in turn), send an
+                                     SSH identification on each, note
                                      (time.monotonic()) when the VM's line arrives on each; print
                                      {"banner_at": [...], "errors": [...]} as JSON once all arrived or
                                      TIMEOUT seconds passed
@@ -25,13 +27,16 @@ BANNER = b"SSH-2.0-OpenSSH_9.2p1 bench-vm\r\n"
 def vm(ctrl_fd):
     ctrl = socket.socket(fileno=ctrl_fd)
     _, fds, _, _ = socket.recv_fds(ctrl, 16, 1)
-    if not fds:
-        return
-    listener = socket.socket(fileno=fds[0])
+    if fds:
+        serve(socket.socket(fileno=fds[0]), ctrl)
+
+
+def serve(listener, ctrl=None):
     listener.setblocking(False)
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ, "accept")
-    sel.register(ctrl, selectors.EVENT_READ, "ctrl")
+    if ctrl:
+        sel.register(ctrl, selectors.EVENT_READ, "ctrl")
     while True:
         for key, _ in sel.select():
             if key.data == "ctrl":
@@ -62,11 +67,12 @@ def vm(ctrl_fd):
             key.fileobj.close()
 
 
-def clients(host, port, n, timeout):
+def clients(targets, n, timeout):
     sel = selectors.DefaultSelector()
     state = {}
     errors = []
-    for _ in range(n):
+    for i in range(n):
+        host, port = targets[i % len(targets)]
         sock = socket.socket()
         sock.setblocking(False)
         sock.connect_ex((host, port))
@@ -116,5 +122,8 @@ def clients(host, port, n, timeout):
 if __name__ == "__main__":
     if sys.argv[1] == "vm":
         vm(int(sys.argv[2]))
+    elif sys.argv[1] == "vm-fd":
+        serve(socket.socket(fileno=int(sys.argv[2])))
     else:
-        clients(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
+        targets = [(t.rsplit(":", 1)[0], int(t.rsplit(":", 1)[1])) for t in sys.argv[2].split(",")]
+        clients(targets, int(sys.argv[3]), float(sys.argv[4]))

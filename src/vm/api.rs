@@ -225,6 +225,16 @@ impl Api {
             // configure the https URL.)
             builder = builder.tls_certs_only([]);
         }
+        if config.url.scheme() == "http" {
+            // A new connection for every request. Many start APIs (Python's http.server, as usually written)
+            // send an answer's head and body as two segments with Nagle on, so the body waits until the head
+            // is ACKed; on a reused connection whose last answer came less than ~40 ms before, Linux delays
+            // that ACK, and the daemon's login stalls 40 ms. A new connection ACKs at once (quick-ACK), for
+            // the price of a handshake that a warm login hides behind the VM's own answer. (TCP_QUICKACK
+            // would have to be set again before every answer, and reqwest does not hand out its sockets.)
+            // An https API keeps its connections: a new one would cost a TLS handshake per login.
+            builder = builder.pool_max_idle_per_host(0);
+        }
         Ok(Api {
             client: builder.build().context("setting up the HTTP client")?,
             headers,

@@ -227,3 +227,74 @@ fn how_the_platform_gave_the_vm_is_read_when_plain() {
     );
     assert_eq!(answer::how(b"192.0.2.7"), None);
 }
+
+/// A start API that writes an answer's head and body apart, with Nagle on (Python's http.server as usually
+/// written), holds the body until the head is ACKed; on a reused connection Linux may delay that ACK by
+/// 40 ms. So every request to a plain-http API goes on a connection of its own, which ACKs at once.
+#[tokio::test]
+async fn each_request_to_a_plain_http_api_has_its_own_connection() {
+    use std::{
+        io::{Read, Write},
+        net::TcpListener,
+        sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        },
+    };
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/start", listener.local_addr().unwrap());
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut request = Vec::new();
+                let mut buf = [0; 4096];
+                // Keep-alive: answer every request on the connection, as http.server does.
+                while let Ok(n @ 1..) = stream.read(&mut buf) {
+                    request.extend_from_slice(&buf[..n]);
+                    if !request.contains(&b'}') {
+                        continue; // the JSON body's end
+                    }
+                    request.clear();
+                    let body = br#"{"vm_ip": "192.0.2.7"}"#;
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    stream.write_all(head.as_bytes()).unwrap();
+                    stream.write_all(body).unwrap();
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.toml");
+    fs::write(&empty, "").unwrap();
+    let settings = crate::cli::Settings {
+        api_url: Some(url),
+        ..Default::default()
+    };
+    let config = crate::config::Config::resolve(Some(&empty), settings, None).unwrap();
+    let api = Api::new(config.default.as_ref().unwrap()).unwrap();
+    let request = StartRequest {
+        connection: None,
+        profile: None,
+        reason: None,
+    };
+    for _ in 0..3 {
+        let started = api
+            .start(
+                &request,
+                deadline_after(Duration::from_secs(10)),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        assert_eq!(started.addr, "192.0.2.7:22".parse().unwrap());
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 3);
+}
