@@ -1,7 +1,8 @@
-//! Writes the man page ssh-on-demand.8 into the directory given as the only argument (packaging/build-deb
-//! uses target/man). The synopsis, description and options come from the clap definition the binary parses,
-//! so they cannot drift from it; the sections after them name files and journal fields from the crate's own
-//! constants.
+//! Writes the man pages ssh-on-demand.8 and ssh-on-demand.toml.5 into the directory given as the only
+//! argument (packaging/build-deb uses target/man). The synopsis, description and options come from the clap
+//! definition the binary parses, and the configuration file's keys from the same settings
+//! (`cli::settings_reference`), so they cannot drift from it; the other sections name files and journal
+//! fields from the crate's own constants.
 //!
 //!     cargo run --example manpage -- target/man
 
@@ -13,7 +14,7 @@ use clap_mangen::{
     roff::{Roff, bold, italic, roman},
 };
 use ssh_on_demand::{
-    cli::Cli,
+    cli::{Cli, settings_reference},
     config::{
         DEFAULT_CONFIG_FILE, HEADERS_CREDENTIAL, TOKEN_CREDENTIAL,
         defaults::STATE_DIR as DEFAULT_STATE_DIR,
@@ -39,18 +40,25 @@ fn main() -> ExitCode {
         .source(format!("ssh-on-demand {}", env!("CARGO_PKG_VERSION")));
     let mut page = Vec::new();
     render(&man, &mut page).expect("rendering to memory");
-
-    let path = dir.join(man.get_filename());
-    // Written aside, then renamed: a build running at the same time never packages a half-written page.
-    let partial = dir.join(format!(".{}.{}", man.get_filename(), std::process::id()));
-    let written = fs::create_dir_all(&dir)
-        .and_then(|()| fs::write(&partial, page))
-        .and_then(|()| fs::rename(&partial, &path));
-    if let Err(e) = written {
-        eprintln!("writing {}: {e}", path.display());
-        return ExitCode::FAILURE;
+    for (name, page) in [
+        (man.get_filename(), page),
+        (
+            "ssh-on-demand.toml.5".to_owned(),
+            config_page().render().into_bytes(),
+        ),
+    ] {
+        let path = dir.join(&name);
+        // Written aside, then renamed: a build running at the same time never packages a half-written page.
+        let partial = dir.join(format!(".{name}.{}", std::process::id()));
+        let written = fs::create_dir_all(&dir)
+            .and_then(|()| fs::write(&partial, page))
+            .and_then(|()| fs::rename(&partial, &path));
+        if let Err(e) = written {
+            eprintln!("writing {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        println!("{}", path.display());
     }
-    println!("{}", path.display());
     ExitCode::SUCCESS
 }
 
@@ -216,7 +224,85 @@ fn extra_sections() -> Roff {
         roff.text([italic(*page), roman(format!("({section}{separator}"))]);
     }
     roff.control("PP", []).text([roman(
-        "/usr/share/doc/ssh-on-demand/README.md: the start API's contract, the units, troubleshooting.",
+        "ssh-on-demand.toml(5): every setting. /usr/share/doc/ssh-on-demand/: README.md, and docs/ with the \
+         start API's contract (api.md), the units and troubleshooting (operations.md).",
     )]);
+    roff
+}
+
+/// ssh-on-demand.toml(5): the file's format and every key, from the settings themselves.
+fn config_page() -> Roff {
+    let mut roff = Roff::new();
+    let version = format!("ssh-on-demand {}", env!("CARGO_PKG_VERSION"));
+    roff.control(
+        "TH",
+        [
+            "SSH-ON-DEMAND.TOML",
+            "5",
+            "",
+            &version,
+            "File Formats Manual",
+        ],
+    );
+    roff.control("SH", ["NAME"]);
+    roff.text([roman("ssh-on-demand.toml - configuration of ssh-on-demand")]);
+    roff.control("SH", ["SYNOPSIS"]);
+    roff.text([bold(DEFAULT_CONFIG_FILE)]);
+    roff.control("SH", ["DESCRIPTION"]);
+    roff.text([roman(
+        "A TOML file. Settings come from, highest first: command-line options, SSH_ON_DEMAND_* environment \
+         variables, this file (or the one --config names), then the defaults. Each key is the long option's \
+         name with _ for -; an unknown key is an error. Durations are written 90s, 2m, 1m 30s or 500ms. \
+         Every connection's process reads the file, so a change applies to the next connection; the daemon \
+         reads it at start and on reload. ssh-on-demand check-config prints the effective configuration, \
+         secrets masked, or says precisely what is wrong.",
+    )]);
+    roff.control("SH", ["PROFILES"]);
+    roff.text([roman(
+        "A table [profiles.NAME] holds the settings of the connections that arrive on its ports; what it does \
+         not set comes from the top level, which serves every other port. Settings marked Host or Daemon \
+         belong to the top level only.",
+    )]);
+    roff.control("SH", ["SETTINGS"]);
+    for setting in settings_reference() {
+        roff.control("TP", []).text([bold(&setting.key)]);
+        let mut text = setting.help.clone();
+        let also: Vec<String> = [setting.flag.clone(), setting.env.clone()]
+            .into_iter()
+            .flatten()
+            .collect();
+        if !also.is_empty() {
+            text.push_str(&format!(" (also {})", also.join(", ")));
+        }
+        roff.text([roman(text)]);
+    }
+    roff.control("SH", ["EXAMPLE"]);
+    roff.control("nf", []);
+    roff.text([roman(
+        "api_url = \"https://vms.example.org/start\"\n\
+         stop_url = \"https://vms.example.org/stop\"\n\
+         idle_timeout = \"15m\"\n\
+         \n\
+         [profiles.gpu]\n\
+         ports = [2222]\n\
+         api_url = \"https://gpu.example.org/start\"\n\
+         vm_scope = \"profile\"",
+    )]);
+    roff.control("fi", []);
+    roff.control("SH", ["FILES"]);
+    roff.control("TP", []).text([bold(DEFAULT_CONFIG_FILE)]);
+    roff.text([roman(
+        "The file. The package installs it with every setting commented out; a pristine copy is in \
+         /usr/share/doc/ssh-on-demand/examples/config.toml.",
+    )]);
+    roff.control("TP", []).text([bold(CREDSTORE_TOKEN)]);
+    roff.text([roman(
+        "The start and stop API's bearer token: never in this file, which every local user can read.",
+    )]);
+    roff.control("SH", ["SEE ALSO"]);
+    roff.text([
+        italic("ssh-on-demand"),
+        roman("(8); /usr/share/doc/ssh-on-demand/docs/configuration.md"),
+    ]);
     roff
 }

@@ -4,10 +4,14 @@
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
+use merge::Merge;
 use serde::Deserialize;
 use tracing::level_filters::LevelFilter;
 
 use crate::logging::LogTarget;
+
+mod reference;
+pub use reference::{SettingDoc, settings_reference};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -23,7 +27,8 @@ use crate::logging::LogTarget;
         connection of listening sockets from systemd (Accept=no) or --listen.\n\n\
         Settings come from flags, then SSH_ON_DEMAND_* environment variables, then the TOML file, \
         then built-in defaults.",
-    after_help = "See README.md for the start and stop API contracts and the systemd units."
+    after_help = "Every setting: man ssh-on-demand.toml. The start and stop API, the units, troubleshooting: \
+                  /usr/share/doc/ssh-on-demand/docs/ (api.md, operations.md)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -156,8 +161,9 @@ impl SilentClients {
 /// environment over file, a profile's table over the file's top level, and applies the defaults. The same
 /// struct is the schema of the file's top level and of each `[profiles.NAME]` table, which may not set the
 /// host's settings (those marked "Host" or "Daemon").
-#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[derive(Debug, Clone, Default, Args, Deserialize, Merge)]
 #[serde(deny_unknown_fields)]
+#[merge(strategy = merge::option::overwrite_none)]
 pub struct Settings {
     /// URL of the start API, which gets one POST per connection (required)
     #[arg(long, env = "SSH_ON_DEMAND_API_URL", value_name = "URL", global = true)]
@@ -190,10 +196,10 @@ pub struct Settings {
     )]
     pub api_ca_file: Option<PathBuf>,
 
-    /// File only: extra headers for the start and stop API, as "Name: value". The file is readable by every
-    /// local user: secret values go in api_headers_file or its credential.
+    /// File only: extra headers that are no secret (the words for the man page: `reference::FILE_ONLY`).
     #[arg(skip)]
     #[serde(default)]
+    #[merge(strategy = merge::vec::overwrite_empty)]
     pub api_headers: Vec<String>,
 
     /// File of extra headers for the start and stop API, one "Name: value" per line; their values are kept secret [default: the systemd credential api_headers_credential, if any]
@@ -255,6 +261,7 @@ pub struct Settings {
     /// A window in which an idle VM is not stopped, as "DAYS HH:MM-HH:MM [TIME ZONE]", e.g. "Mon-Fri 08:00-18:00 Europe/Berlin"; repeat for more (TOML: keep_warm = [...])
     #[arg(long = "keep-warm", value_name = "WINDOW", global = true)]
     #[serde(default)]
+    #[merge(strategy = merge::vec::overwrite_empty)]
     pub keep_warm: Vec<String>,
 
     /// Start a profile's VM (vm_scope = "profile") at the start of each keep_warm window, so that the first login finds it up [default: false]
@@ -318,11 +325,13 @@ pub struct Settings {
     /// A network the start API's answers may point into, as a CIDR; repeat for more (TOML: vm_networks = [...]). Loopback, link-local, metadata services and this host's addresses need a network inside them listed; unspecified, multicast and broadcast are never allowed [default: any but loopback, link-local, metadata services and this host's own addresses]
     #[arg(long = "vm-network", value_name = "CIDR", global = true)]
     #[serde(default)]
+    #[merge(strategy = merge::vec::overwrite_empty)]
     pub vm_networks: Vec<String>,
 
     /// A network whose client addresses may wake the profile's VMs, as a CIDR; repeat for more (TOML: client_networks = [...]); others are refused [default: any]
     #[arg(long = "client-network", value_name = "CIDR", global = true)]
     #[serde(default)]
+    #[merge(strategy = merge::vec::overwrite_empty)]
     pub client_networks: Vec<String>,
 
     /// At most this many VM starts from one client address, as "N per DURATION", or "none" [default: 10 per 10m]
@@ -370,6 +379,7 @@ pub struct Settings {
     /// Host: an etcd member's URL, http:// or https://; repeat for more (TOML: etcd_endpoints = [...])
     #[arg(long = "etcd-endpoint", value_name = "URL", global = true)]
     #[serde(default)]
+    #[merge(strategy = merge::vec::overwrite_empty)]
     pub etcd_endpoints: Vec<String>,
 
     /// Host: prefix of every etcd key this cluster of proxies uses [default: /ssh-on-demand/]
@@ -490,100 +500,29 @@ pub struct Settings {
     )]
     pub metrics_listen: Option<String>,
 
-    /// Profile only: the local ports whose connections this profile takes
+    /// Profile only: the local ports whose connections this profile takes (`reference::FILE_ONLY`).
     #[arg(skip)]
     #[serde(default)]
+    #[merge(strategy = merge::vec::overwrite_empty)]
     pub ports: Vec<u16>,
 
     /// File only: named profiles, `[profiles.NAME]`, each a table of these settings
     #[arg(skip)]
     #[serde(default)]
+    #[merge(strategy = overwrite_empty_map)]
     pub profiles: BTreeMap<String, Settings>,
 }
 
 impl Settings {
-    /// Each setting from `self` where given, else from `lower`.
-    pub fn or(self, lower: &Settings) -> Settings {
-        let lower = lower.clone();
-        Settings {
-            api_url: self.api_url.or(lower.api_url),
-            api_token_file: self.api_token_file.or(lower.api_token_file),
-            api_token_credential: self.api_token_credential.or(lower.api_token_credential),
-            api_ca_file: self.api_ca_file.or(lower.api_ca_file),
-            api_headers: if self.api_headers.is_empty() {
-                lower.api_headers
-            } else {
-                self.api_headers
-            },
-            api_headers_file: self.api_headers_file.or(lower.api_headers_file),
-            api_headers_credential: self.api_headers_credential.or(lower.api_headers_credential),
-            api_timeout: self.api_timeout.or(lower.api_timeout),
-            profile: self.profile.or(lower.profile),
-            stop_url: self.stop_url.or(lower.stop_url),
-            idle_timeout: self.idle_timeout.or(lower.idle_timeout),
-            stop_timeout: self.stop_timeout.or(lower.stop_timeout),
-            min_run_time: self.min_run_time.or(lower.min_run_time),
-            keep_warm: if self.keep_warm.is_empty() {
-                lower.keep_warm
-            } else {
-                self.keep_warm
-            },
-            pre_wake: self.pre_wake.or(lower.pre_wake),
-            vm_scope: self.vm_scope.or(lower.vm_scope),
-            vm_port: self.vm_port.or(lower.vm_port),
-            boot_timeout: self.boot_timeout.or(lower.boot_timeout),
-            vm_connect_timeout: self.vm_connect_timeout.or(lower.vm_connect_timeout),
-            vm_banner_timeout: self.vm_banner_timeout.or(lower.vm_banner_timeout),
-            client_banner_timeout: self.client_banner_timeout.or(lower.client_banner_timeout),
-            silent_clients: self.silent_clients.or(lower.silent_clients),
-            vm_networks: if self.vm_networks.is_empty() {
-                lower.vm_networks
-            } else {
-                self.vm_networks
-            },
-            client_networks: if self.client_networks.is_empty() {
-                lower.client_networks
-            } else {
-                self.client_networks
-            },
-            source_start_limit: self.source_start_limit.or(lower.source_start_limit),
-            penalty_strikes: self.penalty_strikes.or(lower.penalty_strikes),
-            penalty_max: self.penalty_max.or(lower.penalty_max),
-            state_dir: self.state_dir.or(lower.state_dir),
-            state_store: self.state_store.or(lower.state_store),
-            etcd_endpoints: if self.etcd_endpoints.is_empty() {
-                lower.etcd_endpoints
-            } else {
-                self.etcd_endpoints
-            },
-            etcd_prefix: self.etcd_prefix.or(lower.etcd_prefix),
-            host_id: self.host_id.or(lower.host_id),
-            etcd_lease_ttl: self.etcd_lease_ttl.or(lower.etcd_lease_ttl),
-            etcd_ca_file: self.etcd_ca_file.or(lower.etcd_ca_file),
-            etcd_cert_file: self.etcd_cert_file.or(lower.etcd_cert_file),
-            etcd_key_file: self.etcd_key_file.or(lower.etcd_key_file),
-            etcd_user: self.etcd_user.or(lower.etcd_user),
-            etcd_password_file: self.etcd_password_file.or(lower.etcd_password_file),
-            etcd_password_credential: self
-                .etcd_password_credential
-                .or(lower.etcd_password_credential),
-            max_sessions: self.max_sessions.or(lower.max_sessions),
-            max_sessions_per_source: self
-                .max_sessions_per_source
-                .or(lower.max_sessions_per_source),
-            max_pending_per_vm: self.max_pending_per_vm.or(lower.max_pending_per_vm),
-            drain_timeout: self.drain_timeout.or(lower.drain_timeout),
-            metrics_listen: self.metrics_listen.or(lower.metrics_listen),
-            ports: if self.ports.is_empty() {
-                lower.ports
-            } else {
-                self.ports
-            },
-            profiles: if self.profiles.is_empty() {
-                lower.profiles
-            } else {
-                self.profiles
-            },
-        }
+    /// Each setting from `self` where given, else from `lower`: a list or table counts as given unless empty.
+    pub fn or(mut self, lower: &Settings) -> Settings {
+        self.merge(lower.clone());
+        self
+    }
+}
+
+fn overwrite_empty_map<K, V>(left: &mut BTreeMap<K, V>, right: BTreeMap<K, V>) {
+    if left.is_empty() {
+        *left = right;
     }
 }

@@ -3,6 +3,7 @@
 mod common;
 
 use std::{
+    collections::BTreeSet,
     fs,
     os::unix::fs::PermissionsExt,
     path::Path,
@@ -10,6 +11,7 @@ use std::{
 };
 
 use common::proxy::BINARY;
+use ssh_on_demand::cli::{Settings, settings_reference};
 
 fn ssh_on_demand(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(BINARY);
@@ -219,4 +221,68 @@ fn status_as_another_user_says_it_needs_root() {
             && error.lines().count() == 1,
         "{error}"
     );
+}
+
+/// The keys of the settings' list that the man page ssh-on-demand.toml(5) is generated from.
+fn documented_keys() -> BTreeSet<String> {
+    settings_reference().into_iter().map(|s| s.key).collect()
+}
+
+/// That list is every key the file accepts: serde names them all when it refuses an unknown one.
+#[test]
+fn the_settings_list_is_every_key_the_file_takes() {
+    let refused = toml::from_str::<Settings>("no_such_key = 1").unwrap_err();
+    let message = refused.message();
+    let expected = message
+        .split_once("expected one of ")
+        .unwrap_or_else(|| panic!("{message}"))
+        .1;
+    let mut accepted: BTreeSet<String> = expected
+        .split(", ")
+        .map(|key| key.trim().trim_matches('`').to_owned())
+        .collect();
+    // The one key that is not a setting: the tables of the profiles.
+    assert!(accepted.remove("profiles"), "{accepted:?}");
+    assert_eq!(accepted, documented_keys());
+}
+
+/// docs/configuration.md has a row for each setting there is, and for nothing else.
+#[test]
+fn the_configuration_reference_documents_every_setting() {
+    let reference = include_str!("../docs/configuration.md");
+    let rows: BTreeSet<String> = reference
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|line| line.split_once(" |"))
+        // A row may name two keys: `etcd_cert_file`, `etcd_key_file`.
+        .flat_map(|(keys, _)| keys.split(", ").map(|key| key.trim_matches('`').to_owned()))
+        .filter(|key| key.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .collect();
+    assert_eq!(rows, documented_keys());
+}
+
+/// packaging/config.toml is both the conffile and the documentation of every setting: as shipped it sets
+/// nothing, and with its `#key = value` lines uncommented it sets each setting there is, by its right name.
+#[test]
+fn example_config_documents_every_setting() {
+    let text = include_str!("../packaging/config.toml");
+    let shipped: Settings = toml::from_str(text).unwrap();
+    assert!(shipped.api_url.is_none(), "the conffile must set nothing");
+
+    // Prose comments start with "# ", commented-out settings with "#" and the key (or a table header).
+    let uncommented: String = text
+        .lines()
+        .filter_map(|line| line.strip_prefix('#'))
+        .filter(|line| line.starts_with(|c: char| c.is_ascii_lowercase() || c == '['))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let example: Settings = toml::from_str(&uncommented)
+        .unwrap_or_else(|e| panic!("the uncommented example is not valid: {e}\n{uncommented}"));
+    assert!(!example.profiles.is_empty(), "the example shows a profile");
+    let keys: BTreeSet<String> = uncommented
+        .lines()
+        .filter(|line| !line.starts_with('['))
+        .map(|line| line.split('=').next().unwrap().trim().to_owned())
+        .collect();
+    assert_eq!(keys, documented_keys());
 }

@@ -1,4 +1,4 @@
-//! Faults, each with the bound README.md documents for it ("Every wait, and what bounds it"), what the user
+//! Faults, each with the bound docs/configuration.md documents for it ("Every wait, and what bounds it"), what the user
 //! reads when still there, the summary record, and nothing left running: the VM vanishing, resetting, never
 //! speaking or speaking garbage; the client vanishing without a FIN while its VM boots or while it is relayed,
 //! or no longer reading; a start API that trickles, floods, or answers nonsense.

@@ -9,7 +9,6 @@
 mod common;
 
 use std::{
-    collections::BTreeSet,
     fs,
     io::Write,
     net::{Ipv4Addr, SocketAddr},
@@ -21,7 +20,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use clap::Args;
 use common::{
     PATIENCE,
     api::{Answer, StartApi},
@@ -31,9 +29,7 @@ use common::{
     vm::Vm,
 };
 use serde_json::{Value, json};
-use ssh_on_demand::{
-    cli::Settings, report::SUMMARY_MESSAGE_ID, vm::lifecycle::LIFECYCLE_MESSAGE_ID,
-};
+use ssh_on_demand::{report::SUMMARY_MESSAGE_ID, vm::lifecycle::LIFECYCLE_MESSAGE_ID};
 use wait_timeout::ChildExt;
 
 /// What the lab's start API tells a client it refuses (127.0.0.9).
@@ -1015,6 +1011,8 @@ fn check_installed_package(container: &Container) {
         "/usr/share/doc/ssh-on-demand/examples/config.toml",
         "/usr/share/doc/ssh-on-demand/README.md",
         "/usr/share/man/man8/ssh-on-demand.8.gz",
+        "/usr/share/man/man5/ssh-on-demand.toml.5.gz",
+        "/usr/share/doc/ssh-on-demand/docs/api.md",
     ] {
         assert!(files.lines().any(|f| f == expected), "{expected}:\n{files}");
     }
@@ -1170,38 +1168,4 @@ fn number(record: &Value, name: &str) -> u64 {
     field(record, name)
         .parse()
         .unwrap_or_else(|e| panic!("{name} is not a number ({e}) in {record}"))
-}
-
-/// packaging/config.toml is both the conffile and the documentation of every setting: as shipped it sets
-/// nothing, and with its `#key = value` lines uncommented it sets each setting there is, by its right name.
-#[test]
-fn example_config_documents_every_setting() {
-    let text = include_str!("../packaging/config.toml");
-    let shipped: Settings = toml::from_str(text).unwrap();
-    assert!(shipped.api_url.is_none(), "the conffile must set nothing");
-
-    // Prose comments start with "# ", commented-out settings with "#" and the key (or a table header).
-    let uncommented: String = text
-        .lines()
-        .filter_map(|line| line.strip_prefix('#'))
-        .filter(|line| line.starts_with(|c: char| c.is_ascii_lowercase() || c == '['))
-        .map(|line| format!("{line}\n"))
-        .collect();
-    let example: Settings = toml::from_str(&uncommented)
-        .unwrap_or_else(|e| panic!("the uncommented example is not valid: {e}\n{uncommented}"));
-    assert!(!example.profiles.is_empty(), "the example shows a profile");
-    let keys: BTreeSet<String> = uncommented
-        .lines()
-        .filter(|line| !line.starts_with('['))
-        .map(|line| line.split('=').next().unwrap().trim().to_owned())
-        .collect();
-    // The TOML keys are the names of the settings' fields, which clap uses as argument ids; `ports` is a
-    // profile's only, `api_headers` the file's only.
-    let mut settings: BTreeSet<String> = Settings::augment_args(clap::Command::new("settings"))
-        .get_arguments()
-        .map(|arg| arg.get_id().to_string())
-        .collect();
-    settings.insert("ports".to_owned());
-    settings.insert("api_headers".to_owned());
-    assert_eq!(keys, settings);
 }

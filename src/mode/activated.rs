@@ -146,7 +146,7 @@ pub fn take_client() -> Result<TcpStream> {
                 .context("fd 0 is not open")?;
             check_connected_tcp(&fd).context(
                 "fd 0 is not a connected TCP socket; ssh-on-demand serves one connection handed over by a \
-                 systemd socket unit with Accept=yes (see README.md), or run `ssh-on-demand check-config`",
+                 systemd socket unit with Accept=yes (see docs/operations.md), or run `ssh-on-demand check-config`",
             )?;
             // With fd 0 on /dev/null our duplicate is the only handle on the connection, so dropping it closes
             // the connection rather than leaving it half-open until exit.

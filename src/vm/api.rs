@@ -1,6 +1,6 @@
 //! The operator's start and stop APIs: the HTTP POSTs, their retries, and the reading of their answers.
 //!
-//! The contract (README.md, "The start API" and "The stop API"): we POST a small JSON body; a 2xx answer to a
+//! The contract (docs/api.md): we POST a small JSON body; a 2xx answer to a
 //! start is either JSON `{"vm_ip": "192.168.0.57", "port": 22}` (port optional) or plain text `192.168.0.57`,
 //! `192.168.0.57:2222` or `[2001:db8::7]:2222`; a 2xx answer to a stop is all it takes. A 4xx answer refuses,
 //! and its text (or the JSON `error`/`message` field) is shown to the user. Connection errors, timeouts and

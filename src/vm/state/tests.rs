@@ -1,4 +1,4 @@
-//! Every rule of the README's "Lifecycle" section, as rows: a view of the store, an event, the time, and
+//! Every rule of docs/lifecycle.md, as rows: a view of the store, an event, the time, and
 //! what the machine must write and do. The clock is the row's `now`; nothing here sleeps or does I/O.
 
 use super::*;
