@@ -16,7 +16,6 @@ pub mod metrics;
 pub mod mode;
 pub mod relay;
 pub mod report;
-pub mod retry;
 pub mod secret;
 pub mod session;
 pub mod status;

@@ -30,22 +30,40 @@ fn main() -> ExitCode {
         }
         return ExitCode::from(2);
     }
-    match &cli.command {
-        None => mode::activated::serve(Config::load(&cli), Some(&cli)),
+    let result = match &cli.command {
+        // Its exit status says what the client got (report::Outcome); its errors are told to the client.
+        None => return mode::activated::serve(Config::load(&cli), Some(&cli)),
         Some(Command::Daemon { listen }) => mode::daemon::run(&cli, listen),
-        Some(Command::Status { json }) => commands::status(&cli, *json),
-        Some(Command::Sweep) => commands::sweep(Config::load(&cli)),
-        Some(Command::CheckConfig { quiet }) => match commands::check_config(&cli) {
-            Ok(report) => {
+        Some(Command::Sweep) => Config::load(&cli).and_then(commands::sweep),
+        // Run by hand: one plain line on the terminal, not a log record.
+        Some(Command::Status { json }) => {
+            return by_hand("ssh-on-demand status: ", commands::status(&cli, *json));
+        }
+        Some(Command::CheckConfig { quiet }) => {
+            let checked = commands::check_config(&cli).map(|report| {
                 if !quiet {
                     let _ = std::io::stdout().write_all(report.as_bytes());
                 }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                let _ = writeln!(std::io::stderr(), "error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+            });
+            return by_hand("error: ", checked);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The exit status of a command run at a terminal, its error on stderr.
+fn by_hand(prefix: &str, result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "{prefix}{e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -4,7 +4,6 @@
 
 use std::{
     net::{SocketAddr, TcpListener as StdListener},
-    process::ExitCode,
     sync::{
         Arc, RwLock,
         atomic::{AtomicU64, Ordering},
@@ -16,6 +15,7 @@ use anyhow::{Context as _, Result, bail};
 use listenfd::ListenFd;
 use sd_notify::NotifyState;
 use socket2::{SockRef, TcpKeepalive};
+use ssh_on_demand_common::retry::Backoff;
 use tokio::{
     net::{TcpListener, TcpStream},
     signal::unix::{SignalKind, signal},
@@ -57,31 +57,13 @@ const STATUS_EVERY: Duration = Duration::from_secs(5);
 /// After the drain timeout, sessions are told to close; this is how long they get to say goodbye.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// Serves until SIGTERM or SIGINT. Exit status 0 after a drain, 1 if it could not start.
-pub fn run(cli: &Cli, listen: &[(SocketAddr, Option<String>)]) -> ExitCode {
+/// Serves until SIGTERM or SIGINT: Ok after a drain, an error if it could not start or serve.
+pub fn run(cli: &Cli, listen: &[(SocketAddr, Option<String>)]) -> anyhow::Result<()> {
     // listenfd reads and clears LISTEN_*: before the runtime starts any thread.
-    let inherited = match inherited_listeners() {
-        Ok(listeners) => listeners,
-        Err(e) => {
-            error!("{e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let config = match Config::load(cli) {
-        Ok(config) => config,
-        Err(e) => {
-            error!("configuration unusable: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let inherited = inherited_listeners()?;
+    let config = Config::load(cli).context("configuration unusable")?;
     raise_open_files_limit();
-    let runtime = match crate::runtime(true) {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            error!("{e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let runtime = crate::runtime(true)?;
     let result = runtime.block_on(async {
         let store = match &config.store {
             StoreConfig::Local => Store::Local(Local::new(&config.state_dir)),
@@ -97,14 +79,10 @@ pub fn run(cli: &Cli, listen: &[(SocketAddr, Option<String>)]) -> ExitCode {
     });
     // Idle waits still pending end with the process; the next start's sweep takes them over.
     runtime.shutdown_timeout(Duration::from_millis(100));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e:#}");
-            let _ = sd_notify::notify(&[NotifyState::Errno(1)]);
-            ExitCode::FAILURE
-        }
+    if result.is_err() {
+        let _ = sd_notify::notify(&[NotifyState::Errno(1)]);
     }
+    result
 }
 
 /// A listening socket, and the profile it is for if systemd named it after one (`FileDescriptorName=`).
@@ -278,7 +256,7 @@ impl Daemon {
         heartbeat: Arc<AtomicU64>,
         stop: CancellationToken,
     ) {
-        let mut pause = FIRST_ACCEPT_PAUSE;
+        let mut pause = Backoff::new(FIRST_ACCEPT_PAUSE, MAX_ACCEPT_PAUSE);
         // The watchdog trusts the loop only while it keeps coming round, busy or not.
         let mut tick = interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
@@ -289,14 +267,14 @@ impl Daemon {
                 _ = tick.tick() => {}
                 accepted = listener.socket.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        pause = FIRST_ACCEPT_PAUSE;
+                        pause = Backoff::new(FIRST_ACCEPT_PAUSE, MAX_ACCEPT_PAUSE);
                         self.admit(stream, peer, listener.name.as_deref());
                     }
                     Err(e) if is_fleeting(&e) => {}
                     Err(e) => {
-                        warn!(listen = ?listener.socket.local_addr().ok(), "accepting: {e}; pausing {pause:?}");
-                        sleep(pause).await;
-                        pause = (pause * 2).min(MAX_ACCEPT_PAUSE);
+                        let delay = pause.next_delay();
+                        warn!(listen = ?listener.socket.local_addr().ok(), "accepting: {e}; pausing {delay:?}");
+                        sleep(delay).await;
                     }
                 },
             }

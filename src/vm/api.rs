@@ -24,7 +24,9 @@ use tokio::time::{Instant, timeout};
 use tracing::info;
 
 use super::targets::NotAllowed;
-use crate::{config::Profile, retry::Backoff, secret::SecretUrl};
+use ssh_on_demand_common::retry::Backoff;
+
+use crate::{config::Profile, secret::SecretUrl};
 
 mod answer;
 

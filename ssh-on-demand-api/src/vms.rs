@@ -15,6 +15,7 @@ use futures_util::{
     FutureExt,
     future::{BoxFuture, Shared},
 };
+use ssh_on_demand_common::retry::Backoff;
 use tokio::{sync::oneshot, time::Instant};
 
 use crate::{
@@ -385,7 +386,7 @@ async fn finish(
 /// Asks for the address until the platform names one: a guest agent or a DHCP lease takes a while.
 async fn find_address(backend: &Backend, vm: &str, deadline: Instant) -> Result<IpAddr, Failure> {
     let started = Instant::now();
-    let mut pause = Duration::from_millis(100);
+    let mut pause = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         let why = match backend.address(vm).await {
             Ok(Lookup::Found(ip)) => return Ok(ip),
@@ -393,31 +394,30 @@ async fn find_address(backend: &Backend, vm: &str, deadline: Instant) -> Result<
             Err(f) if f.is_transient() => f.to_string(),
             Err(f) => return Err(f),
         };
-        if Instant::now() + pause >= deadline {
+        if Instant::now() >= deadline {
             return Err(Failure::Timeout(format!(
                 "no address for {vm} within {}: {why}",
                 humantime::format_duration(round(started.elapsed()))
             )));
         }
         tracing::debug!(VM = vm, "{vm}: no address yet: {why}");
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(2));
+        // At most until the deadline, where it asks once more.
+        pause.pause(deadline).await;
     }
 }
 
 /// Waits until the VM is off or suspended, and returns which.
 async fn wait_until_down(backend: &Backend, vm: &str, deadline: Instant) -> Result<Power, Failure> {
-    let mut pause = Duration::from_millis(200);
+    let mut pause = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         let power = backend.power(vm).await?;
         if matches!(power, Power::Off | Power::Suspended) {
             return Ok(power);
         }
-        if Instant::now() + pause >= deadline {
+        if Instant::now() >= deadline {
             return Err(Failure::Timeout(format!("{vm} is still {power}")));
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(5));
+        pause.pause(deadline).await;
     }
 }
 

@@ -3,5 +3,7 @@
 
 /// Logging: native journald records under systemd, stderr elsewhere.
 pub mod logging;
+/// Retry pacing: backoff with jitter within a deadline.
+pub mod retry;
 /// Secrets: values that print as `***`.
 pub mod secret;

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail, ensure};
 use reqwest::{Method, StatusCode, header::HeaderValue};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use ssh_on_demand_common::secret::Secret;
+use ssh_on_demand_common::{retry::Backoff, secret::Secret};
 
 use super::{Lookup, Power};
 use crate::{
@@ -309,7 +309,7 @@ impl Proxmox {
             urlencode(upid)
         );
         let deadline = tokio::time::Instant::now() + self.config.task_timeout;
-        let mut pause = Duration::from_millis(100);
+        let mut pause = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             let task = self.call(Method::GET, &path, &[]).await?;
             if task.get("status").and_then(Value::as_str) == Some("stopped") {
@@ -321,14 +321,13 @@ impl Proxmox {
                     )),
                 };
             }
-            if tokio::time::Instant::now() + pause > deadline {
+            if tokio::time::Instant::now() >= deadline {
                 return Err(Failure::Timeout(format!(
                     "task {upid} still running after {}",
                     humantime::format_duration(self.config.task_timeout)
                 )));
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(2));
+            pause.pause(deadline).await;
         }
     }
 

@@ -1,4 +1,6 @@
-//! Retry pacing: exponential backoff with jitter, never past the caller's deadline.
+//! Retry pacing: exponential backoff with jitter, never past the caller's deadline. Every retry and poll of
+//! both programs paces itself with it: the start and stop API calls, the daemon's accept loop after an error,
+//! and the companion's polls of a platform.
 
 use std::time::Duration;
 
@@ -25,7 +27,7 @@ impl Backoff {
 
     /// The next pause. backon adds its jitter (up to the delay itself) after capping the delay, which would
     /// double the cap: `max` is the documented longest pause, so it caps the sum.
-    fn next_delay(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         self.delays.next().unwrap_or(self.max).min(self.max)
     }
 
@@ -53,5 +55,14 @@ mod tests {
         );
         assert!(delays[0] < first * 2);
         assert_eq!(delays[49], max);
+    }
+
+    /// A pause ends at the deadline at the latest, and says that no time is left.
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_never_passes_the_deadline() {
+        let mut backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(10));
+        let deadline = Instant::now() + Duration::from_secs(1);
+        assert!(!backoff.pause(deadline).await);
+        assert_eq!(Instant::now(), deadline);
     }
 }
