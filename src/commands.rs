@@ -8,7 +8,7 @@ use tracing::{error, info, warn};
 use crate::{
     cli::Cli,
     config::{Config, StoreConfig},
-    session::Context,
+    session::Host,
     status,
     vm::{
         lifecycle,
@@ -21,7 +21,7 @@ use crate::{
 pub fn check_config(cli: &Cli) -> Result<String> {
     let config = Config::load(cli)?;
     // Building the HTTP clients reads and parses the CA files, as connections will.
-    let ctx = Context::new(Arc::new(config), false);
+    let ctx = Host::new(Arc::new(config), false);
     for profile in ctx.config.all_profiles() {
         ctx.api(profile)?;
     }
@@ -110,7 +110,7 @@ pub fn sweep(config: Config) -> Result<()> {
         return Ok(());
     }
     crate::runtime(false)?.block_on(async {
-        let ctx = Arc::new(Context::new(config.clone(), false));
+        let ctx = Arc::new(Host::new(config.clone(), false));
         let mut stops = tokio::task::JoinSet::new();
         for due in lifecycle::sweep(&ctx.lifecycle, &config, now_ms()).await {
             let Some(profile) = config.profile_labeled(&due.key().profile) else {

@@ -1,7 +1,7 @@
 //! Limits: the daemon's bounds on connections at once, per client address, and waiting per VM, which the
 //! socket unit's `MaxConnections=`/`MaxConnectionsPerSource=` give the per-connection mode.
 //!
-//! Each admitted connection holds a [`Slot`] that gives its place back when dropped, however the session
+//! Each admitted connection holds a [`Places`] that gives its place back when dropped, however the session
 //! ends. The bounds are read at each admission, so a reloaded configuration applies to the next connection.
 
 use std::{
@@ -31,7 +31,7 @@ impl Limits {
         source: IpAddr,
         max_sessions: usize,
         max_per_source: usize,
-    ) -> Result<Slot, Busy> {
+    ) -> Result<Places, Busy> {
         let total = self
             .sessions
             .take((), max_sessions)
@@ -40,16 +40,16 @@ impl Limits {
             .per_source
             .take(source, max_per_source)
             .ok_or("too many connections from your address at once")?;
-        Ok(Slot(vec![total, mine]))
+        Ok(Places(vec![total, mine]))
     }
 
     /// A place among the connections waiting for `key` to start, if fewer than `max` wait.
-    pub fn wait_for(&self, key: &VmKey, max: usize) -> Result<Slot, Busy> {
+    pub fn wait_for(&self, key: &VmKey, max: usize) -> Result<Places, Busy> {
         let place = self
             .pending
             .take(key.clone(), max)
             .ok_or("too many logins are waiting for this VM to start")?;
-        Ok(Slot(vec![place]))
+        Ok(Places(vec![place]))
     }
 
     /// Connections in progress.
@@ -59,11 +59,11 @@ impl Limits {
 }
 
 /// Places held; given back when dropped.
-pub struct Slot(#[allow(dead_code)] Vec<Place>);
+pub struct Places(#[allow(dead_code)] Vec<Place>);
 
-impl std::fmt::Debug for Slot {
+impl std::fmt::Debug for Places {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Slot({} places)", self.0.len())
+        write!(f, "Places({})", self.0.len())
     }
 }
 

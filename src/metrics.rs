@@ -26,7 +26,7 @@ use crate::{
     report::Outcome,
     session::Report,
     status::VmStatus,
-    vm::{lifecycle::Stopped, state::Shown, store::Store},
+    vm::{lifecycle::IdleEnd, state::Shown, store::Store},
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -230,11 +230,11 @@ impl Metrics {
         }
     }
 
-    pub fn stop(&self, stopped: Stopped) {
+    pub fn stop(&self, stopped: IdleEnd) {
         let result = match stopped {
-            Stopped::Stopped => "stopped",
-            Stopped::Failed => "failed",
-            Stopped::Kept => "kept",
+            IdleEnd::Stopped => "stopped",
+            IdleEnd::Failed => "failed",
+            IdleEnd::Kept => "kept",
         };
         self.stops.get_or_create(&ResultLabel { result }).inc();
     }

@@ -21,7 +21,7 @@ use crate::{
     cli::SilentClients,
     config::{Config, Profile},
     guard::{Guard, SourceRecord},
-    limits::{Limits, Slot},
+    limits::{Limits, Places},
     relay,
     report::{self, Outcome, Refusal, Stats},
     vm::{
@@ -46,80 +46,82 @@ const SILENT_WAIT_WHEN_UP: Duration = Duration::from_millis(50);
 /// we stop reading (TCP flow control holds the client) and only lose early notice of a hang-up.
 const MAX_EARLY_CLIENT_BYTES: usize = 64 * 1024;
 
-/// What sessions share: the configuration, the VMs' shared state, and one HTTP client per profile.
-pub struct Context {
+/// What the host gives every session, in either mode: the configuration, the VMs' shared state, one HTTP
+/// client per profile, and the mode's own bounds. The modes differ only in how they fill it.
+pub struct Host {
     pub config: Arc<Config>,
     pub lifecycle: Lifecycle,
     apis: Mutex<HashMap<String, Arc<Api>>>,
     /// Per-connection processes report their progress to systemd (`STATUS=`); the daemon has its own.
     notify_status: bool,
-    /// The daemon's: its count of connections waiting for each VM, and its order to close every session.
-    daemon: Option<(Arc<Limits>, CancellationToken)>,
-    /// The daemon's listening sockets (see [`Context::own_listeners`]).
-    listening: Vec<SocketAddr>,
+    /// Cancelled when every session must close: by the daemon, once its drain timeout has passed; never in
+    /// a per-connection process, which ends with its one session.
+    close: CancellationToken,
+    /// The daemon's bound on the connections waiting for each VM; a per-connection process waits alone.
+    limits: Option<Arc<Limits>>,
+    /// The proxy's listening sockets, where no answer may send a connection: the daemon's own. A
+    /// per-connection process has only its connection, not the socket unit's listener: it knows the port the
+    /// client reached, not whether the listener takes it on one address or, as the shipped unit does, on
+    /// every address. So `None` there, read as every address on the connection's port, which refuses a
+    /// service on the same port of another of this host's addresses too.
+    listening: Option<Vec<SocketAddr>>,
 }
 
-impl Context {
-    /// A context whose VMs live in the local store, in the configured state directory.
-    pub fn new(config: Arc<Config>, notify_status: bool) -> Context {
+impl Host {
+    /// A per-connection process's host (and the sweep's): its VMs in the local store, in the configured
+    /// state directory.
+    pub fn new(config: Arc<Config>, notify_status: bool) -> Host {
         let store = Store::Local(Local::new(&config.state_dir));
-        Context::with_store(config, store, notify_status)
-    }
-
-    pub fn with_store(config: Arc<Config>, store: Store, notify_status: bool) -> Context {
-        Context {
+        Host {
             lifecycle: Lifecycle::new(store),
             config,
             apis: Mutex::default(),
             notify_status,
-            daemon: None,
-            listening: Vec::new(),
+            close: CancellationToken::new(),
+            limits: None,
+            listening: None,
         }
     }
 
-    /// The daemon's context: `limits` bound the connections waiting per VM, cancelling `close` ends every
-    /// session (once the drain timeout has passed), and `listening` are its listening sockets.
+    /// The daemon's: `limits` bound the connections waiting per VM, cancelling `close` ends every session,
+    /// and `listening` are its listening sockets.
     pub fn for_daemon(
         config: Arc<Config>,
         store: Store,
         limits: Arc<Limits>,
         close: CancellationToken,
         listening: Vec<SocketAddr>,
-    ) -> Context {
-        Context {
-            daemon: Some((limits, close)),
-            listening,
-            ..Context::with_store(config, store, false)
+    ) -> Host {
+        Host {
+            lifecycle: Lifecycle::new(store),
+            config,
+            apis: Mutex::default(),
+            notify_status: false,
+            close,
+            limits: Some(limits),
+            listening: Some(listening),
         }
     }
 
-    /// The proxy's own listening sockets, where no answer may send a connection: the daemon's. A
-    /// per-connection process has only its connection, not the socket unit's listener: it knows the port the
-    /// client reached, not whether the listener takes it on one address or, as the shipped unit does, on
-    /// every address. It assumes every address, so a service on the same port of another of this host's
-    /// addresses is refused too.
+    /// Where no answer may send the connection that arrived at `local`.
     fn own_listeners(&self, local: SocketAddr) -> Vec<SocketAddr> {
-        match self.daemon {
-            Some(_) => self.listening.clone(),
-            None => vec![SocketAddr::new(
+        self.listening.clone().unwrap_or_else(|| {
+            vec![SocketAddr::new(
                 std::net::Ipv6Addr::UNSPECIFIED.into(),
                 local.port(),
-            )],
-        }
+            )]
+        })
     }
 
-    /// Resolves when the daemon closes every session; never in the per-connection mode.
+    /// Resolves when every session must close.
     async fn closed(&self) {
-        match &self.daemon {
-            Some((_, close)) => close.cancelled().await,
-            None => std::future::pending().await,
-        }
+        self.close.cancelled().await
     }
 
-    /// A place among the connections waiting for their VM, where the daemon bounds them.
-    fn wait_slot(&self, lease: Option<&Lease>) -> Result<Option<Slot>, &'static str> {
-        match (&self.daemon, lease) {
-            (Some((limits, _)), Some(lease)) => limits
+    /// A place among the connections waiting for their VM, where the host bounds them.
+    fn wait_slot(&self, lease: Option<&Lease>) -> Result<Option<Places>, &'static str> {
+        match (&self.limits, lease) {
+            (Some(limits), Some(lease)) => limits
                 .wait_for(lease.key(), self.config.daemon.max_pending_per_vm)
                 .map(Some),
             _ => Ok(None),
@@ -146,7 +148,7 @@ impl Context {
 }
 
 /// Its configuration, as it stays: an idle waiter asks the daemon's current context, or the sweep's.
-impl Profiles for Context {
+impl Profiles for Host {
     fn now(&self, label: &str) -> Option<(Arc<Profile>, Arc<Api>)> {
         let profile = self.config.profile_labeled(label)?.clone();
         let api = self.api(&profile).ok()?;
@@ -166,7 +168,7 @@ pub struct Report {
 /// Proxies one client connection to its VM, starting the VM first. `profile` is the listener's, if it has
 /// one; otherwise the local port picks it. Every wait is bounded by a timeout of the profile, and nothing but
 /// relayed bytes or a disconnect message is ever written to `client`.
-pub async fn run(client: TcpStream, ctx: &Context, profile: Option<&Arc<Profile>>) -> Report {
+pub async fn run(client: TcpStream, ctx: &Host, profile: Option<&Arc<Profile>>) -> Report {
     let mut conn = Connection::new(client);
     let profile = profile.or_else(|| {
         conn.local
@@ -292,7 +294,7 @@ impl Connection {
 
     async fn proxy(
         &mut self,
-        ctx: &Context,
+        ctx: &Host,
         profile: &Arc<Profile>,
         peer: SocketAddr,
     ) -> (Outcome, Option<Lease>) {
@@ -472,7 +474,7 @@ impl Connection {
         refusal.outcome()
     }
 
-    async fn relay(&mut self, ctx: &Context, ready: Ready, lease: Option<&Lease>) -> Outcome {
+    async fn relay(&mut self, ctx: &Host, ready: Ready, lease: Option<&Lease>) -> Outcome {
         let Ready {
             stream: mut vm,
             received,

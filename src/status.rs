@@ -10,7 +10,7 @@ use crate::{
     guard::SourceRecord,
     vm::{
         lifecycle::rules,
-        state::{Call, Holder, Millis, Phase, Shown},
+        state::{CallEnd, Holder, Millis, Phase, Shown},
         store::{SessionInfo, Store, StoreError, VmKey, now_ms},
     },
 };
@@ -95,8 +95,8 @@ pub struct VmStatus {
     pub stop_due: Option<Millis>,
     /// The end of the keep-warm window the VM is in, if it is in one.
     pub kept_warm_until: Option<Millis>,
-    pub last_start: Option<Call>,
-    pub last_stop: Option<Call>,
+    pub last_start: Option<CallEnd>,
+    pub last_stop: Option<CallEnd>,
     pub starts: u64,
     pub stops: u64,
 }

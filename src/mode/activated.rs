@@ -24,7 +24,7 @@ use crate::{
     cli::Cli,
     config::{Config, Profile, StoreConfig},
     logging::is_tcp,
-    session::{self, Context as SessionContext},
+    session::{self, Host},
     vm::{api::Api, lifecycle::Profiles, store::now_ms},
 };
 
@@ -55,7 +55,7 @@ pub fn serve(config: Result<Config>, cli: Option<&Cli>) -> ExitCode {
             Err(error) => return Ok(session::refuse_misconfigured(client, &error).await),
         };
         let file = config.file.clone();
-        let ctx = SessionContext::new(Arc::new(config), true);
+        let ctx = Host::new(Arc::new(config), true);
         let report = session::run(client, &ctx, None).await;
         // The client's socket is closed by now; the process stays only for the VM.
         if let Some((watch, api)) = report.idle {
@@ -94,7 +94,7 @@ struct Reread<'a> {
 
 /// The file's modification time, inode and size when it was last read, and what it said then (`None`:
 /// unusable).
-type Seen = (Option<(SystemTime, u64, u64)>, Option<Arc<SessionContext>>);
+type Seen = (Option<(SystemTime, u64, u64)>, Option<Arc<Host>>);
 
 impl Profiles for Reread<'_> {
     fn now(&self, label: &str) -> Option<(Arc<Profile>, Arc<Api>)> {
@@ -109,7 +109,7 @@ impl Profiles for Reread<'_> {
             Some((at, ctx)) if *at == modified => ctx.clone(),
             _ => {
                 let ctx = match Config::load(cli) {
-                    Ok(config) => Some(Arc::new(SessionContext::new(Arc::new(config), false))),
+                    Ok(config) => Some(Arc::new(Host::new(Arc::new(config), false))),
                     Err(e) => {
                         warn!("the idle wait keeps the configuration it has: {e:#}");
                         None

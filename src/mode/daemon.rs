@@ -30,7 +30,7 @@ use crate::{
     limits::Limits,
     metrics::{self, Metrics},
     report::Outcome,
-    session::{self, Context},
+    session::{self, Host},
     vm::{
         api::Api,
         lifecycle::{self, Due, Profiles},
@@ -155,7 +155,7 @@ fn raise_open_files_limit() {
 struct Daemon {
     cli: Cli,
     /// Replaced whole by a reload; sessions keep the one they started with.
-    current: RwLock<Arc<Context>>,
+    current: RwLock<Arc<Host>>,
     /// Outlives reloads: the etcd store holds this host's lease and sessions.
     store: Store,
     limits: Arc<Limits>,
@@ -172,7 +172,7 @@ impl Daemon {
     fn new(cli: Cli, config: Config, store: Store, listening: Vec<SocketAddr>) -> Arc<Daemon> {
         let limits = Arc::new(Limits::default());
         let close = CancellationToken::new();
-        let ctx = Context::for_daemon(
+        let ctx = Host::for_daemon(
             Arc::new(config),
             store.clone(),
             limits.clone(),
@@ -193,7 +193,7 @@ impl Daemon {
         })
     }
 
-    fn current(&self) -> Arc<Context> {
+    fn current(&self) -> Arc<Host> {
         self.current
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -339,7 +339,7 @@ impl Daemon {
                         "the store's settings (state_store, etcd_*) apply at the next restart only"
                     );
                 }
-                let ctx = Context::for_daemon(
+                let ctx = Host::for_daemon(
                     Arc::new(config),
                     self.store.clone(),
                     self.limits.clone(),
@@ -387,7 +387,7 @@ impl Daemon {
     }
 
     /// Runs what the sweep found due: idle waits, and starts ahead of logins.
-    fn run_due(self: &Arc<Self>, ctx: &Context, due: Vec<Due>) {
+    fn run_due(self: &Arc<Self>, ctx: &Host, due: Vec<Due>) {
         for due in due {
             let Some(profile) = ctx.config.profile_labeled(&due.key().profile) else {
                 continue;

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::time::{Instant, timeout_at};
 use tracing::{Span, error, field, info};
 
-use super::Context;
+use super::Host;
 use crate::{
     config::Profile,
     report::{Refusal, Stats},
@@ -20,7 +20,7 @@ use crate::{
 
 /// Getting the VM: its address from the start API (or a start shared with other connections), then its sshd.
 pub(super) struct Boot<'a> {
-    pub(super) ctx: &'a Context,
+    pub(super) ctx: &'a Host,
     pub(super) profile: &'a Arc<Profile>,
     pub(super) lease: Option<&'a Lease>,
     pub(super) peer: SocketAddr,

@@ -443,6 +443,6 @@ mod sweep;
 mod tests;
 mod wake;
 
-pub use idle::{IdleWatch, Profiles, Stopped};
+pub use idle::{IdleEnd, IdleWatch, Profiles};
 pub use sweep::{Due, sweep, sweep_one};
 pub use wake::PreWake;

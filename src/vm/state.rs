@@ -99,7 +99,7 @@ impl Phase {
 
 /// The end of one start or stop call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Call {
+pub struct CallEnd {
     /// When it ended.
     pub at: Millis,
     pub ok: bool,
@@ -115,8 +115,8 @@ pub struct Record {
     pub phase: Phase,
     /// When the phase began (for `Idle`: the last disconnect, where the idle clock starts).
     pub since: Millis,
-    pub last_start: Option<Call>,
-    pub last_stop: Option<Call>,
+    pub last_start: Option<CallEnd>,
+    pub last_stop: Option<CallEnd>,
     pub starts: u64,
     pub stops: u64,
     /// When the VM's current run began (its start answered), for `min_run_time`; `None` once stopped.

@@ -35,7 +35,7 @@ pub trait Profiles: Send + Sync {
 
 /// How an idle wait ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stopped {
+pub enum IdleEnd {
     Stopped,
     /// The stop API failed; it is tried again after another idle timeout.
     Failed,
@@ -66,7 +66,7 @@ impl IdleWatch {
     /// Waits until the machine says the VM is due, then stops it through `api`, unless a session exists by
     /// then; the profile and its API as `profiles` has them now, once they change. Returns once the VM is
     /// stopped, kept, or its stop failed; every decision is logged.
-    pub async fn run(self, api: Arc<Api>, profiles: &dyn Profiles) -> Stopped {
+    pub async fn run(self, api: Arc<Api>, profiles: &dyn Profiles) -> IdleEnd {
         let span = info_span!("vm", vm_key = %self.key, profile = %self.profile.label());
         match self
             .wait_and_stop(api, profiles)
@@ -76,7 +76,7 @@ impl IdleWatch {
             Ok(stopped) => stopped,
             Err(e) => {
                 span.in_scope(|| warn!("idle wait ended: {e}"));
-                Stopped::Failed
+                IdleEnd::Failed
             }
         }
     }
@@ -85,7 +85,7 @@ impl IdleWatch {
         mut self,
         mut api: Arc<Api>,
         profiles: &dyn Profiles,
-    ) -> Result<Stopped, StoreError> {
+    ) -> Result<IdleEnd, StoreError> {
         let mut rules = rules(&self.profile);
         let mut deferred = false;
         loop {
@@ -124,7 +124,7 @@ impl IdleWatch {
                         _ => format!("the VM is {}", view.shown()),
                     };
                     decision(Level::INFO, &self.key, &view, "keep", &why, Duration::ZERO);
-                    return Ok(Stopped::Kept);
+                    return Ok(IdleEnd::Kept);
                 }
             }
         }
@@ -138,9 +138,9 @@ impl IdleWatch {
         vm: SocketAddr,
         me: &Holder,
         rules: &Rules,
-    ) -> Result<Stopped, StoreError> {
+    ) -> Result<IdleEnd, StoreError> {
         let Some(stop) = &self.profile.stop else {
-            return Ok(Stopped::Kept);
+            return Ok(IdleEnd::Kept);
         };
         let idle = Duration::from_millis(now_ms().saturating_sub(view.record.since));
         decision(Level::INFO, &self.key, view, "stop", "idle", idle);
@@ -170,11 +170,11 @@ impl IdleWatch {
         Ok(match result {
             Ok(()) => {
                 decision(Level::INFO, &self.key, &after, "stopped", "stopped", idle);
-                Stopped::Stopped
+                IdleEnd::Stopped
             }
             Err(detail) => {
                 decision(Level::WARN, &self.key, &after, "stop_failed", &detail, idle);
-                Stopped::Failed
+                IdleEnd::Failed
             }
         })
     }

@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use tracing::{Level, warn};
 
-use super::{IdleWatch, Lifecycle, PreWake, Profiles, Stopped, decision, holder, rules};
+use super::{IdleEnd, IdleWatch, Lifecycle, PreWake, Profiles, decision, holder, rules};
 use crate::{
     cli::VmScope,
     config::{Config, Profile},
@@ -34,7 +34,7 @@ impl Due {
 
     /// Runs it with `api`, an idle wait with its profile as `profiles` has it then; how a stop ended, for
     /// the metrics.
-    pub async fn run(self, api: Arc<Api>, profiles: &dyn Profiles) -> Option<Stopped> {
+    pub async fn run(self, api: Arc<Api>, profiles: &dyn Profiles) -> Option<IdleEnd> {
         match self {
             Due::Stop(watch) => Some(watch.run(api, profiles).await),
             Due::Wake(wake) => {

@@ -1,7 +1,7 @@
 //! The transitions: what each event does to each phase.
 
 use super::{
-    Action, Call, Event, FORGET_AFTER, Holder, Millis, Phase, Rules, Step, View, Write, millis,
+    Action, CallEnd, Event, FORGET_AFTER, Holder, Millis, Phase, Rules, Step, View, Write, millis,
 };
 
 /// The machine: what `event` does to the VM seen as `view` at `now` under `rules`.
@@ -12,7 +12,7 @@ pub fn step(view: &View, event: Event<'_>, now: Millis, rules: &Rules) -> Step {
         Event::Started { me, answer, ms } => {
             let mut next = record.clone();
             next.starts += 1;
-            next.last_start = Some(Call {
+            next.last_start = Some(CallEnd {
                 at: now,
                 ok: answer.is_ok(),
                 detail: match answer {
@@ -103,7 +103,7 @@ pub fn step(view: &View, event: Event<'_>, now: Millis, rules: &Rules) -> Step {
                 return Step::stay(Action::Nothing);
             }
             let mut next = record.clone();
-            next.last_stop = Some(Call {
+            next.last_stop = Some(CallEnd {
                 at: now,
                 ok: result.is_ok(),
                 detail: match result {

@@ -61,7 +61,7 @@ fn view(phase: Phase, since: u64, sessions: usize, holder_alive: bool) -> View {
 
 fn with_start(mut view: View, ok: bool, detail: &str) -> View {
     view.record.starts = 1;
-    view.record.last_start = Some(Call {
+    view.record.last_start = Some(CallEnd {
         at: view.record.since,
         ok,
         detail: detail.into(),
