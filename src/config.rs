@@ -18,7 +18,7 @@ use ipnet::IpNet;
 use reqwest::header::HeaderName;
 
 use crate::{
-    cli::{Cli, Settings, SilentClients, VmScope},
+    cli::{Cli, Settings, SilentClients, VmScope, settings_reference},
     guard::StartLimit,
     secret::{Secret, SecretUrl},
     vm::warm::Windows,
@@ -159,7 +159,11 @@ impl Config {
         given: Settings,
         credentials_dir: Option<&Path>,
     ) -> Result<Config> {
-        let (path, from_file) = read_file(file)?;
+        let file::File {
+            path,
+            settings: from_file,
+            profile_keys,
+        } = read_file(file)?;
         let shown_path = path.as_deref().unwrap_or(Path::new(DEFAULT_CONFIG_FILE));
         ensure!(
             from_file.ports.is_empty(),
@@ -172,7 +176,8 @@ impl Config {
         for (name, table) in std::mem::take(&mut top.profiles) {
             let context = || format!("[profiles.{name}] in {}", shown_path.display());
             check_name(&name).with_context(context)?;
-            check_profile_table(&table).with_context(context)?;
+            let keys = profile_keys.get(&name).map_or(&[][..], Vec::as_slice);
+            check_profile_table(&table, keys).with_context(context)?;
             let ports = table.ports.clone();
             let settings = Settings {
                 profile: Some(name.clone()),
@@ -293,34 +298,12 @@ impl Config {
 }
 
 /// A profile's table sets only what a profile has: not the host's settings, not its own name.
-fn check_profile_table(table: &Settings) -> Result<()> {
-    let host_settings = [
-        ("state_dir", table.state_dir.is_some()),
-        ("max_sessions", table.max_sessions.is_some()),
-        (
-            "max_sessions_per_source",
-            table.max_sessions_per_source.is_some(),
-        ),
-        ("max_pending_per_vm", table.max_pending_per_vm.is_some()),
-        ("drain_timeout", table.drain_timeout.is_some()),
-        ("metrics_listen", table.metrics_listen.is_some()),
-        ("state_store", table.state_store.is_some()),
-        ("etcd_endpoints", !table.etcd_endpoints.is_empty()),
-        ("etcd_prefix", table.etcd_prefix.is_some()),
-        ("host_id", table.host_id.is_some()),
-        ("etcd_lease_ttl", table.etcd_lease_ttl.is_some()),
-        ("etcd_ca_file", table.etcd_ca_file.is_some()),
-        ("etcd_cert_file", table.etcd_cert_file.is_some()),
-        ("etcd_key_file", table.etcd_key_file.is_some()),
-        ("etcd_user", table.etcd_user.is_some()),
-        ("etcd_password_file", table.etcd_password_file.is_some()),
-        (
-            "etcd_password_credential",
-            table.etcd_password_credential.is_some(),
-        ),
-        ("profiles", !table.profiles.is_empty()),
-    ];
-    if let Some((key, _)) = host_settings.iter().find(|(_, set)| *set) {
+fn check_profile_table(table: &Settings, keys: &[String]) -> Result<()> {
+    let reference = settings_reference();
+    let of_the_host = |key: &String| {
+        key == "profiles" || reference.iter().any(|s| &s.key == key && s.host_only())
+    };
+    if let Some(key) = keys.iter().find(|key| of_the_host(key)) {
         bail!("{key} is a setting of the host: set it at the top level");
     }
     ensure!(

@@ -11,7 +11,10 @@ use std::{
 };
 
 use common::proxy::BINARY;
-use ssh_on_demand::cli::{Settings, settings_reference};
+use ssh_on_demand::{
+    cli::{Settings, settings_reference},
+    config::Config,
+};
 
 fn ssh_on_demand(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(BINARY);
@@ -279,10 +282,46 @@ fn example_config_documents_every_setting() {
     let example: Settings = toml::from_str(&uncommented)
         .unwrap_or_else(|e| panic!("the uncommented example is not valid: {e}\n{uncommented}"));
     assert!(!example.profiles.is_empty(), "the example shows a profile");
-    let keys: BTreeSet<String> = uncommented
-        .lines()
-        .filter(|line| !line.starts_with('['))
-        .map(|line| line.split('=').next().unwrap().trim().to_owned())
-        .collect();
+    let keys: BTreeSet<String> = example_lines(&uncommented).map(|(key, _)| key).collect();
     assert_eq!(keys, documented_keys());
+}
+
+/// `key = value` lines of a TOML text, as (key, the line).
+fn example_lines(text: &str) -> impl Iterator<Item = (String, &str)> {
+    text.lines()
+        .filter(|line| !line.starts_with('['))
+        .filter_map(|line| Some((line.split_once('=')?.0.trim().to_owned(), line)))
+}
+
+/// Every setting the reference marks as the host's ("Host:", "Daemon:") is refused in a profile's table,
+/// each with the value the shipped file shows for it.
+#[test]
+fn a_profile_may_not_set_what_belongs_to_the_host() {
+    let text = include_str!("../packaging/config.toml");
+    let uncommented: String = text
+        .lines()
+        .filter_map(|line| line.strip_prefix('#'))
+        .filter(|line| line.starts_with(|c: char| c.is_ascii_lowercase()))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let host_only: Vec<String> = settings_reference()
+        .into_iter()
+        .filter(|s| s.host_only())
+        .map(|s| s.key)
+        .collect();
+    assert!(host_only.len() > 10, "{host_only:?}");
+    let dir = tempfile::tempdir().unwrap();
+    for (key, line) in example_lines(&uncommented).filter(|(key, _)| host_only.contains(key)) {
+        let path = dir.path().join("config.toml");
+        fs::write(
+            &path,
+            format!("api_url = \"http://127.0.0.1/\"\n[profiles.ci]\nports = [2222]\n{line}\n"),
+        )
+        .unwrap();
+        let error = Config::resolve(Some(&path), Settings::default(), None).unwrap_err();
+        assert!(
+            format!("{error:#}").contains(&format!("{key} is a setting of the host")),
+            "{key}: {error:#}"
+        );
+    }
 }

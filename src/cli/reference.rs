@@ -32,6 +32,14 @@ const FILE_ONLY: [(&str, &str); 2] = [
     ),
 ];
 
+impl SettingDoc {
+    /// A setting of the host, which only the file's top level may set: its help says so ("Host:",
+    /// "Daemon:"), in `--help` as here.
+    pub fn host_only(&self) -> bool {
+        self.help.starts_with("Host:") || self.help.starts_with("Daemon:")
+    }
+}
+
 /// Every setting of the file's top level and of its `[profiles.NAME]` tables (that is, every field of
 /// [`Settings`] but `profiles`), in the order of `--help`, the file-only keys last.
 pub fn settings_reference() -> Vec<SettingDoc> {

@@ -1,6 +1,7 @@
 //! The TOML file: read, and its errors told without a byte of its text, which may hold secrets.
 
 use std::{
+    collections::BTreeMap,
     fs, io,
     path::{Path, PathBuf},
 };
@@ -8,20 +9,48 @@ use std::{
 use anyhow::{Context, Result};
 
 use super::{DEFAULT_CONFIG_FILE, check_name};
-use crate::cli::Settings;
+use crate::cli::{Settings, settings_reference};
+
+/// What the file holds: where it is, its settings, and the keys each `[profiles.NAME]` table sets (which
+/// [`Settings`], where an unset key and a default look alike, cannot say).
+pub(super) struct File {
+    pub path: Option<PathBuf>,
+    pub settings: Settings,
+    pub profile_keys: BTreeMap<String, Vec<String>>,
+}
 
 /// The named file, which must exist, or the default one if it exists.
-pub(super) fn read_file(named: Option<&Path>) -> Result<(Option<PathBuf>, Settings)> {
+pub(super) fn read_file(named: Option<&Path>) -> Result<File> {
     let path = named.unwrap_or(Path::new(DEFAULT_CONFIG_FILE));
     let text = match fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound && named.is_none() => {
-            return Ok((None, Settings::default()));
+            return Ok(File {
+                path: None,
+                settings: Settings::default(),
+                profile_keys: BTreeMap::new(),
+            });
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
     let settings = toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))?;
-    Ok((Some(path.to_owned()), settings))
+    // It parsed as settings, so it parses as a table.
+    let table: toml::Table = toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))?;
+    let profile_keys = table
+        .get("profiles")
+        .and_then(toml::Value::as_table)
+        .into_iter()
+        .flatten()
+        .filter_map(|(name, profile)| {
+            let keys = profile.as_table()?.keys().cloned().collect();
+            Some((name.clone(), keys))
+        })
+        .collect();
+    Ok(File {
+        path: Some(path.to_owned()),
+        settings,
+        profile_keys,
+    })
 }
 
 /// Where the file is wrong and what is wrong there, without the line itself, which toml's own message
@@ -49,12 +78,8 @@ fn toml_error(path: &Path, text: &str, error: &toml::de::Error) -> anyhow::Error
 /// `[profiles.NAME]` before it. A best guess for the reader, which prints only settings' names: a line of a
 /// multi-line string that happens to hold `=` could be part of a secret.
 fn key_before(before: &str) -> Option<String> {
-    use clap::Args;
-    let settings = Settings::augment_args(clap::Command::new("settings"));
-    let is_setting = |key: &str| {
-        matches!(key, "api_headers" | "ports")
-            || settings.get_arguments().any(|arg| arg.get_id() == key)
-    };
+    let settings = settings_reference();
+    let is_setting = |key: &str| settings.iter().any(|s| s.key == key);
     let mut lines = before.lines().rev().map(str::trim);
     let key = lines.find_map(|line| {
         let (key, _) = line.split_once('=')?;
