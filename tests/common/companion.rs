@@ -16,12 +16,15 @@ use tempfile::TempDir;
 
 use super::{emulator::Emulator, log::Log};
 
-/// Builds ssh-on-demand-api once per test binary, the way tests/systemd.rs builds the package.
+/// Builds ssh-on-demand-api once per test binary, the way tests/systemd.rs builds the package. As the whole
+/// workspace with every target, as `cargo test --workspace` builds it: `-p ssh-on-demand-api` alone would
+/// leave out the dev-dependencies' features, and so rebuild much of the dependency tree (50 s in CI) into
+/// the same directory, for the next `cargo test` to rebuild again.
 pub fn binary() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "ssh-on-demand-api"])
+            .args(["build", "--quiet", "--workspace", "--all-targets"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("running cargo");
