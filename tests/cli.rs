@@ -204,11 +204,16 @@ fn status_as_another_user_says_it_needs_root() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     fs::create_dir(&state).unwrap();
-    // The test's own directory is the root's only; nobody must reach the binary and the state's parent.
+    // The test's own directory is the root's only; nobody must reach the binary and the state's parent. A
+    // copy of the binary, since the checkout may be where only root may go (/root).
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
+    let binary = dir.path().join("ssh-on-demand");
+    fs::copy(BINARY, &binary).unwrap();
     let output = Command::new("runuser")
-        .args(["-u", "nobody", "--", BINARY, "status", "--config=/dev/null"])
+        .args(["-u", "nobody", "--"])
+        .arg(&binary)
+        .args(["status", "--config=/dev/null"])
         .arg("--api-url=http://127.0.0.1:9/start")
         .arg(format!("--state-dir={}", state.display()))
         .env_clear()
