@@ -1,41 +1,34 @@
 //! Session: one client from accept to close: its identification, its VM's lease, the start (its own or
 //! shared), the wait for sshd, the relay or the refusal, and the one summary record. Both modes run it.
 
-use std::{
-    collections::HashMap,
-    future::Future,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
     time::{Instant, timeout},
 };
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, error, field, info_span, warn};
 
 use crate::{
     cli::SilentClients,
-    config::{Config, Profile},
+    config::Profile,
     guard::{Guard, SourceRecord},
-    limits::{Limits, Places},
     relay,
     report::{self, Outcome, Refusal, Stats},
     vm::{
         api::Api,
-        lifecycle::{IdleWatch, Lease, Lifecycle, Profiles},
+        lifecycle::{IdleWatch, Lease},
         readiness::Ready,
-        store::{Store, local::Local},
     },
     wire,
 };
 
 mod boot;
+mod host;
 
 use boot::Boot;
+pub use host::Host;
 
 /// How long a client whose VM runs gets to send its identification before it is taken for one that waits for
 /// the server (ssh-keyscan): SSH clients send theirs right behind the TCP handshake, and a silent client to a
@@ -45,116 +38,6 @@ const SILENT_WAIT_WHEN_UP: Duration = Duration::from_millis(50);
 /// Client bytes buffered while the VM boots. OpenSSH sends ~1.5 KiB before it hears from the server; past this
 /// we stop reading (TCP flow control holds the client) and only lose early notice of a hang-up.
 const MAX_EARLY_CLIENT_BYTES: usize = 64 * 1024;
-
-/// What the host gives every session, in either mode: the configuration, the VMs' shared state, one HTTP
-/// client per profile, and the mode's own bounds. The modes differ only in how they fill it.
-pub struct Host {
-    pub config: Arc<Config>,
-    pub lifecycle: Lifecycle,
-    apis: Mutex<HashMap<String, Arc<Api>>>,
-    /// Per-connection processes report their progress to systemd (`STATUS=`); the daemon has its own.
-    notify_status: bool,
-    /// Cancelled when every session must close: by the daemon, once its drain timeout has passed; never in
-    /// a per-connection process, which ends with its one session.
-    close: CancellationToken,
-    /// The daemon's bound on the connections waiting for each VM; a per-connection process waits alone.
-    limits: Option<Arc<Limits>>,
-    /// The proxy's listening sockets, where no answer may send a connection: the daemon's own. A
-    /// per-connection process has only its connection, not the socket unit's listener: it knows the port the
-    /// client reached, not whether the listener takes it on one address or, as the shipped unit does, on
-    /// every address. So `None` there, read as every address on the connection's port, which refuses a
-    /// service on the same port of another of this host's addresses too.
-    listening: Option<Vec<SocketAddr>>,
-}
-
-impl Host {
-    /// A per-connection process's host (and the sweep's): its VMs in the local store, in the configured
-    /// state directory.
-    pub fn new(config: Arc<Config>, notify_status: bool) -> Host {
-        let store = Store::Local(Local::new(&config.state_dir));
-        Host {
-            lifecycle: Lifecycle::new(store),
-            config,
-            apis: Mutex::default(),
-            notify_status,
-            close: CancellationToken::new(),
-            limits: None,
-            listening: None,
-        }
-    }
-
-    /// The daemon's: `limits` bound the connections waiting per VM, cancelling `close` ends every session,
-    /// and `listening` are its listening sockets.
-    pub fn for_daemon(
-        config: Arc<Config>,
-        store: Store,
-        limits: Arc<Limits>,
-        close: CancellationToken,
-        listening: Vec<SocketAddr>,
-    ) -> Host {
-        Host {
-            lifecycle: Lifecycle::new(store),
-            config,
-            apis: Mutex::default(),
-            notify_status: false,
-            close,
-            limits: Some(limits),
-            listening: Some(listening),
-        }
-    }
-
-    /// Where no answer may send the connection that arrived at `local`.
-    fn own_listeners(&self, local: SocketAddr) -> Vec<SocketAddr> {
-        self.listening.clone().unwrap_or_else(|| {
-            vec![SocketAddr::new(
-                std::net::Ipv6Addr::UNSPECIFIED.into(),
-                local.port(),
-            )]
-        })
-    }
-
-    /// Resolves when every session must close.
-    async fn closed(&self) {
-        self.close.cancelled().await
-    }
-
-    /// A place among the connections waiting for their VM, where the host bounds them.
-    fn wait_slot(&self, lease: Option<&Lease>) -> Result<Option<Places>, &'static str> {
-        match (&self.limits, lease) {
-            (Some(limits), Some(lease)) => limits
-                .wait_for(lease.key(), self.config.daemon.max_pending_per_vm)
-                .map(Some),
-            _ => Ok(None),
-        }
-    }
-
-    /// The HTTP client of `profile`'s APIs, built on first use: a per-connection process builds the one it
-    /// needs, the daemon one per profile and configuration.
-    pub fn api(&self, profile: &Profile) -> anyhow::Result<Arc<Api>> {
-        let mut apis = self.apis.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(api) = apis.get(profile.label()) {
-            return Ok(api.clone());
-        }
-        let api = Arc::new(Api::new(profile)?);
-        apis.insert(profile.label().to_owned(), api.clone());
-        Ok(api)
-    }
-
-    pub(super) fn status(&self, text: &str) {
-        if self.notify_status {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(text)]);
-        }
-    }
-}
-
-/// Its configuration, as it stays: an idle waiter asks the daemon's current context, or the sweep's.
-impl Profiles for Host {
-    fn now(&self, label: &str) -> Option<(Arc<Profile>, Arc<Api>)> {
-        let profile = self.config.profile_labeled(label)?.clone();
-        let api = self.api(&profile).ok()?;
-        Some((profile, api))
-    }
-}
 
 /// How a session ended, and what it leaves to its caller.
 pub struct Report {
