@@ -867,6 +867,14 @@ fn skipped(why: &str) {
     );
 }
 
+/// The packages under test are built as released, but without the release profile's link-time optimisation
+/// and with parallel code generation: the same code and behaviour, built in about half the time (three
+/// release builds were most of this test's minutes). The benchmark measures the optimised build.
+const QUICK_RELEASE: [(&str, &str); 2] = [
+    ("CARGO_PROFILE_RELEASE_LTO", "false"),
+    ("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16"),
+];
+
 /// Builds the package from the current sources with packaging/build-deb, as a maintainer would, into `dir`
 /// (ours alone, so that another test run building at the same time cannot swap it under us). Cargo rebuilds
 /// only what changed: a few seconds when nothing did, and never a stale binary. Returns the .deb's path.
@@ -877,6 +885,7 @@ fn build_deb(dir: &Path) -> PathBuf {
         // Lighter compression of the same files: a second less per run.
         .arg("--fast")
         .env("CARGO", env!("CARGO"))
+        .envs(QUICK_RELEASE)
         .stdin(Stdio::null())
         .output()
         .expect("running packaging/build-deb");
@@ -904,6 +913,7 @@ fn build_api_deb(dir: &Path, libvirt: bool) -> PathBuf {
     .arg(format!("--output={}", dir.display()))
     .arg("--fast")
     .env("CARGO", env!("CARGO"))
+    .envs(QUICK_RELEASE)
     .stdin(Stdio::null())
     .output()
     .expect("running packaging/build-deb-api");
