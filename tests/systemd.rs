@@ -879,55 +879,47 @@ const QUICK_RELEASE: [(&str, &str); 2] = [
 /// (ours alone, so that another test run building at the same time cannot swap it under us). Cargo rebuilds
 /// only what changed: a few seconds when nothing did, and never a stale binary. Returns the .deb's path.
 fn build_deb(dir: &Path) -> PathBuf {
-    let started = Instant::now();
-    let output = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/build-deb"))
-        .arg(format!("--output={}", dir.display()))
-        // Lighter compression of the same files: a second less per run.
-        .arg("--fast")
-        .env("CARGO", env!("CARGO"))
-        .envs(QUICK_RELEASE)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running packaging/build-deb");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "packaging/build-deb failed ({}); is cargo-deb installed (cargo install --locked cargo-deb)?\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let deb = stdout.lines().last().expect("build-deb prints the path");
-    eprintln!("built {deb} in {:?}", started.elapsed());
-    PathBuf::from(deb)
+    build_package("build-deb", &[], dir)
 }
 
 /// Builds the companion's package with packaging/build-deb-api into `dir`: ssh-on-demand-api, or with
 /// `libvirt` ssh-on-demand-api-libvirt.
 fn build_api_deb(dir: &Path, libvirt: bool) -> PathBuf {
+    build_package(
+        "build-deb-api",
+        if libvirt { &["--libvirt"] } else { &[] },
+        dir,
+    )
+}
+
+/// Runs packaging/`script` with `args` into `dir`; returns the path it prints last.
+fn build_package(script: &str, args: &[&str], dir: &Path) -> PathBuf {
     let started = Instant::now();
-    let output = Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/packaging/build-deb-api"
-    ))
-    .args(libvirt.then_some("--libvirt"))
+    let output = Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("packaging")
+            .join(script),
+    )
+    .args(args)
     .arg(format!("--output={}", dir.display()))
+    // Lighter compression of the same files: a second less per run.
     .arg("--fast")
     .env("CARGO", env!("CARGO"))
     .envs(QUICK_RELEASE)
     .stdin(Stdio::null())
     .output()
-    .expect("running packaging/build-deb-api");
+    .unwrap_or_else(|e| panic!("running packaging/{script}: {e}"));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
-        "packaging/build-deb-api failed ({}):\n{stdout}\n{}",
+        "packaging/{script} failed ({}); is cargo-deb installed (cargo install --locked cargo-deb)?\n{stdout}\n{}",
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
     let deb = stdout
         .lines()
         .last()
-        .expect("build-deb-api prints the path");
+        .unwrap_or_else(|| panic!("packaging/{script} prints the path"));
     eprintln!("built {deb} in {:?}", started.elapsed());
     PathBuf::from(deb)
 }
