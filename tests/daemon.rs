@@ -1,6 +1,6 @@
 //! What only the daemon has: drain on SIGTERM, reload on SIGHUP, its limits, listeners named after profiles
 //! or given with --listen, and its metrics. (What users see in both modes is in tests/proxy.rs and
-//! tests/lifecycle.rs; the watchdog and the units under real systemd in tests/systemd.rs.)
+//! tests/lifecycle.rs; the watchdog and the units under real systemd in tests/systemd/.)
 
 #[macro_use]
 mod common;

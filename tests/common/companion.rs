@@ -16,7 +16,7 @@ use tempfile::TempDir;
 
 use super::{emulator::Emulator, log::Log};
 
-/// Builds ssh-on-demand-api once per test binary, the way tests/systemd.rs builds the package. As the whole
+/// Builds ssh-on-demand-api once per test binary, the way tests/systemd/ builds the package. As the whole
 /// workspace with every target, as `cargo test --workspace` builds it: `-p ssh-on-demand-api` alone would
 /// leave out the dev-dependencies' features, and so rebuild much of the dependency tree (50 s in CI) into
 /// the same directory, for the next `cargo test` to rebuild again.

@@ -7,6 +7,7 @@ use std::{
     os::{fd::AsFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
+    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
@@ -175,6 +176,8 @@ pub struct Container {
     console: Log,
     /// systemd-nspawn's own messages.
     errors: Log,
+    /// Dropped after nspawn has exited, which ends the thread that started it (see [`Container::boot_on`]).
+    _keeper: mpsc::Sender<()>,
     root: TempDir,
 }
 
@@ -241,8 +244,10 @@ impl Container {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // If this test process is killed before it drops the Container, nspawn gets SIGTERM and powers the
-        // container off instead of leaving it running. (The signal follows the thread that spawned nspawn,
-        // which is the one that holds the Container.)
+        // container off instead of leaving it running. That signal follows the thread that spawned nspawn, not
+        // the process: a thread of the container's own spawns it and lives until the Container is dropped,
+        // whichever test's thread holds it then (the steps of tests/common/steps.rs share one container across
+        // libtest's threads, and a thread that runs out of tests exits).
         // SAFETY: prctl is async-signal-safe, as pre_exec requires.
         unsafe {
             command.pre_exec(|| {
@@ -250,8 +255,15 @@ impl Container {
                     .map_err(Into::into)
             });
         }
-        let mut nspawn = command
-            .spawn()
+        let (spawned, nspawn) = mpsc::channel();
+        let (keeper, dropped) = mpsc::channel::<()>();
+        thread::spawn(move || {
+            let _ = spawned.send(command.spawn());
+            let _ = dropped.recv();
+        });
+        let mut nspawn = nspawn
+            .recv()
+            .expect("the keeper thread sends nspawn")
             .expect("starting systemd-nspawn (apt-get install systemd-container)");
         let console = Log::collect(nspawn.stdout.take().unwrap(), "container");
         let errors = Log::collect(nspawn.stderr.take().unwrap(), "nspawn");
@@ -262,6 +274,7 @@ impl Container {
             pid1: 0,
             console,
             errors,
+            _keeper: keeper,
             root,
         };
         let pid1 = wait_for("the container's systemd to start", PATIENCE, || {

@@ -7,6 +7,35 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// Echoed lines, once [`hold_echoes`] was called.
+static HELD: Mutex<Option<Vec<String>>> = Mutex::new(None);
+
+/// From now on echoed lines are held instead of printed, for a test binary whose harness does not capture
+/// stderr (libtest-mimic's): [`held_since`] gives them to a test that failed.
+pub fn hold_echoes() {
+    HELD.lock().unwrap().get_or_insert_with(Vec::new);
+}
+
+/// How many lines are held so far: where a test's own begin.
+pub fn held_count() -> usize {
+    HELD.lock().unwrap().as_ref().map_or(0, Vec::len)
+}
+
+/// The lines held since the `from`th.
+pub fn held_since(from: usize) -> Vec<String> {
+    HELD.lock()
+        .unwrap()
+        .as_ref()
+        .map_or_else(Vec::new, |held| held[from..].to_vec())
+}
+
+fn echo_line(line: String) {
+    match &mut *HELD.lock().unwrap() {
+        Some(held) => held.push(line),
+        None => eprintln!("{line}"),
+    }
+}
+
 #[derive(Clone, Default)]
 pub struct Log {
     inner: Arc<(Mutex<Lines>, Condvar)>,
@@ -26,7 +55,7 @@ impl Log {
         thread::spawn(move || {
             for line in BufReader::new(source).lines() {
                 let Ok(line) = line else { break };
-                eprintln!("[{echo}] {line}");
+                echo_line(format!("[{echo}] {line}"));
                 let (lines, changed) = &*sink.inner;
                 lines.lock().unwrap().lines.push(line);
                 changed.notify_all();

@@ -14,6 +14,7 @@ pub mod log;
 pub mod netns;
 pub mod proxy;
 pub mod ssh;
+pub mod steps;
 pub mod tls;
 pub mod units;
 pub mod vm;

@@ -296,39 +296,47 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
+/// Why a start or resume command's output names no address: the operator's script is wrong, so the login is
+/// refused with this and the script's own words.
+#[derive(Debug, thiserror::Error)]
+pub enum UnusableOutput {
+    #[error("it printed nothing; it must print the VM's IP address")]
+    Empty,
+    #[error("JSON without vm_ip, or with an unknown how ({0})")]
+    Json(#[from] serde_json::Error),
+    /// The text, cut to 80 characters.
+    #[error("{0:?} is not an IP address")]
+    NotAnAddress(String),
+}
+
 /// The address a start or resume command printed (an IP address alone, or JSON `{"vm_ip": "…"}`), and how
 /// it went if it said (JSON `"how"`).
-pub fn parse_output(out: &str) -> Result<(IpAddr, Option<How>), String> {
+pub fn parse_output(out: &str) -> Result<(IpAddr, Option<How>), UnusableOutput> {
     let text = out.trim();
+    let address = |text: &str| {
+        text.parse()
+            .map_err(|_| UnusableOutput::NotAnAddress(text.chars().take(80).collect()))
+    };
     if text.starts_with('{') {
         #[derive(Deserialize)]
         struct Answer {
             vm_ip: String,
             how: Option<How>,
         }
-        let answer: Answer = serde_json::from_str(text)
-            .map_err(|e| format!("JSON without vm_ip, or with an unknown how ({e})"))?;
-        let ip = answer
-            .vm_ip
-            .parse()
-            .map_err(|_| format!("{:?} is not an IP address", answer.vm_ip))?;
-        return Ok((ip, answer.how));
+        let answer: Answer = serde_json::from_str(text)?;
+        return Ok((address(&answer.vm_ip)?, answer.how));
     }
     if text.is_empty() {
-        return Err("it printed nothing; it must print the VM's IP address".into());
+        return Err(UnusableOutput::Empty);
     }
-    let ip = text.parse().map_err(|_| {
-        let shown: String = text.chars().take(80).collect();
-        format!("{shown:?} is not an IP address")
-    })?;
-    Ok((ip, None))
+    Ok((address(text)?, None))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse_address(out: &str) -> Result<IpAddr, String> {
+    fn parse_address(out: &str) -> Result<IpAddr, UnusableOutput> {
         parse_output(out).map(|(ip, _)| ip)
     }
 
@@ -346,13 +354,14 @@ mod tests {
             parse_address(r#"{"vm_ip": "192.0.2.7", "port": 22}"#).unwrap(),
             "192.0.2.7".parse::<IpAddr>().unwrap()
         );
-        assert!(parse_address("").unwrap_err().contains("printed nothing"));
+        assert!(matches!(parse_address(""), Err(UnusableOutput::Empty)));
         assert!(
             parse_address("vm-7.internal")
                 .unwrap_err()
+                .to_string()
                 .contains("not an IP address")
         );
-        assert!(parse_address("{}").unwrap_err().contains("without vm_ip"));
+        assert!(matches!(parse_address("{}"), Err(UnusableOutput::Json(_))));
         assert_eq!(
             parse_output(r#"{"vm_ip": "127.0.0.1", "how": "resumed"}"#).unwrap(),
             ("127.0.0.1".parse().unwrap(), Some(How::Resumed))
@@ -360,6 +369,7 @@ mod tests {
         assert!(
             parse_output(r#"{"vm_ip": "127.0.0.1", "how": "teleported"}"#)
                 .unwrap_err()
+                .to_string()
                 .contains("unknown how")
         );
     }
