@@ -12,6 +12,7 @@ pub mod config;
 pub mod guard;
 pub mod limits;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod mode;
 pub mod relay;

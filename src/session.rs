@@ -374,6 +374,7 @@ impl Connection {
         if let (Some(peer), Some(vm)) = (self.peer, self.stats.vm) {
             ctx.status(&format!("relaying {peer} <-> {vm}"));
         }
+        ctx.before_relay();
         // Counted as they go: when the daemon closes the session, the relay is dropped, not finished.
         let counters = relay::Counters::default();
         let relayed = relay::relay_counted(&mut self.client, &mut vm, &self.early, &[], &counters);

@@ -113,6 +113,16 @@ impl Host {
         Ok(api)
     }
 
+    /// Before a relay: a per-connection process, which holds its memory for the session's whole life, gives
+    /// back what its login needed and its relay does not (the HTTP clients, built again if the idle wait needs
+    /// one; the stack the start call touched). The daemon's clients serve its next logins.
+    pub(super) fn before_relay(&self) {
+        if self.limits.is_none() {
+            self.apis.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            crate::memory::release_unused_stack();
+        }
+    }
+
     pub(super) fn status(&self, text: &str) {
         if self.notify_status {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(text)]);
