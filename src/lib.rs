@@ -33,7 +33,11 @@ pub fn runtime(multi_thread: bool) -> Result<tokio::runtime::Runtime> {
     let mut builder = if multi_thread {
         tokio::runtime::Builder::new_multi_thread()
     } else {
-        tokio::runtime::Builder::new_current_thread()
+        let mut builder = tokio::runtime::Builder::new_current_thread();
+        // Room for the events of one connection's few sockets, not tokio's default 1,024 (12 KiB that a
+        // per-connection process would hold for the session's life).
+        builder.max_io_events_per_tick(16);
+        builder
     };
     builder
         .enable_all()

@@ -54,3 +54,4 @@ fn main_stack_start() -> Option<usize> {
         .and_then(NonZeroUsize::new)
         .map(NonZeroUsize::get)
 }
+
