@@ -54,4 +54,3 @@ fn main_stack_start() -> Option<usize> {
         .and_then(NonZeroUsize::new)
         .map(NonZeroUsize::get)
 }
-
