@@ -9,53 +9,94 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Failure {
+/// What kind of failure it is, which decides the HTTP status and so whether the proxy asks again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
     /// The request names no VM we know of (profile, client address): 404, not retried.
-    #[error("{0}")]
-    NoSuchVm(String),
+    NoSuchVm,
     /// The platform refused, and asking again will not change that (no such domain, not enough memory,
     /// a script that exited 1): 409, not retried.
-    #[error("{0}")]
-    Refused(String),
+    Refused,
     /// The platform could not be asked, or failed in a way that may pass (connection refused, its own 5xx):
     /// 502, which the proxy retries until its boot deadline.
-    #[error("{0}")]
-    Unavailable(String),
+    Unavailable,
     /// The platform started the VM but named no address within `address_timeout`: 504, retried.
-    #[error("{0}")]
-    Timeout(String),
+    Timeout,
+}
+
+/// Why a start or stop did not happen: its [`Kind`], and in words what we were doing and what the platform
+/// said.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    kind: Kind,
+    message: String,
 }
 
 impl Failure {
+    pub fn new(kind: Kind, message: impl Into<String>) -> Failure {
+        Failure {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn no_such_vm(message: impl Into<String>) -> Failure {
+        Failure::new(Kind::NoSuchVm, message)
+    }
+
+    pub fn refused(message: impl Into<String>) -> Failure {
+        Failure::new(Kind::Refused, message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Failure {
+        Failure::new(Kind::Unavailable, message)
+    }
+
+    pub fn timeout(message: impl Into<String>) -> Failure {
+        Failure::new(Kind::Timeout, message)
+    }
+
+    /// The platform could not be asked: `doing` and the library's error with its causes ("error sending
+    /// request" alone says nothing; its causes say "Connection refused").
+    pub fn unreachable(
+        doing: impl std::fmt::Display,
+        error: impl std::error::Error + Send + Sync + 'static,
+    ) -> Failure {
+        Failure::unavailable(format!("{doing}: {:#}", anyhow::Error::new(error)))
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The platform's words alone, without the kind.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     pub fn status(&self) -> StatusCode {
-        match self {
-            Failure::NoSuchVm(_) => StatusCode::NOT_FOUND,
-            Failure::Refused(_) => StatusCode::CONFLICT,
-            Failure::Unavailable(_) => StatusCode::BAD_GATEWAY,
-            Failure::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        match self.kind {
+            Kind::NoSuchVm => StatusCode::NOT_FOUND,
+            Kind::Refused => StatusCode::CONFLICT,
+            Kind::Unavailable => StatusCode::BAD_GATEWAY,
+            Kind::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
     /// The same failure with `context` in front, e.g. "starting domain 'dev': <the platform's words>".
     pub fn context(self, context: impl std::fmt::Display) -> Failure {
-        let wrap = |m: String| format!("{context}: {m}");
-        match self {
-            Failure::NoSuchVm(m) => Failure::NoSuchVm(wrap(m)),
-            Failure::Refused(m) => Failure::Refused(wrap(m)),
-            Failure::Unavailable(m) => Failure::Unavailable(wrap(m)),
-            Failure::Timeout(m) => Failure::Timeout(wrap(m)),
-        }
+        Failure::new(self.kind, format!("{context}: {}", self.message))
     }
 
     /// Whether waiting and asking again may help (used while waiting for an address or a state).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Failure::Unavailable(_) | Failure::Timeout(_))
+        matches!(self.kind, Kind::Unavailable | Kind::Timeout)
     }
 
     /// Whether the platform could not be asked at all, so that nothing is known about what it did.
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, Failure::Unavailable(_))
+        self.kind == Kind::Unavailable
     }
 }
 
@@ -67,20 +108,4 @@ impl IntoResponse for Failure {
         )
             .into_response()
     }
-}
-
-/// An error and its causes on one line, for messages built from library errors (reqwest's "error sending
-/// request" alone says nothing; its causes say "Connection refused").
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }

@@ -194,7 +194,7 @@ impl Vms {
             result
         });
         task.map(|joined| {
-            joined.unwrap_or_else(|e| Err(Failure::Unavailable(format!("the start failed: {e}"))))
+            joined.unwrap_or_else(|e| Err(Failure::unavailable(format!("the start failed: {e}"))))
         })
         .boxed()
         .shared()
@@ -223,11 +223,9 @@ impl Vms {
             let _busy = slot.busy.lock().await;
             stop_vm(&backend, &backend_name, &vm, policy, stop_timeout, answer).await;
         });
-        answered.await.unwrap_or_else(|_| {
-            Err(Failure::Unavailable(
-                "the stop ended without an answer".into(),
-            ))
-        })
+        answered
+            .await
+            .unwrap_or_else(|_| Err(Failure::unavailable("the stop ended without an answer")))
     }
 
     /// The VM a request means: the profile's one VM, or the one its table gives the client address; for a
@@ -241,17 +239,17 @@ impl Vms {
         let profile = self
             .profiles
             .get(name)
-            .ok_or_else(|| Failure::NoSuchVm(format!("there is no VM profile named {name:?}")))?;
+            .ok_or_else(|| Failure::no_such_vm(format!("there is no VM profile named {name:?}")))?;
         let backend = self
             .backends
             .get(&profile.backend)
-            .ok_or_else(|| Failure::NoSuchVm(format!("profile {name:?} has no backend")))?
+            .ok_or_else(|| Failure::no_such_vm(format!("profile {name:?} has no backend")))?
             .clone();
         let vm = match (&profile.vm, client, vm_ip) {
             (Some(vm), _, _) => vm.clone(),
             (None, Some(client), _) => {
                 profile.by_client.get(&client).cloned().ok_or_else(|| {
-                    Failure::NoSuchVm(format!("profile {name:?} has no VM for client {client}"))
+                    Failure::no_such_vm(format!("profile {name:?} has no VM for client {client}"))
                 })?
             }
             (None, None, Some(ip)) => profile
@@ -267,12 +265,12 @@ impl Vms {
                 })
                 .cloned()
                 .ok_or_else(|| {
-                    Failure::NoSuchVm(format!(
+                    Failure::no_such_vm(format!(
                         "no VM of profile {name:?} is known to have address {ip}"
                     ))
                 })?,
             (None, None, None) => {
-                return Err(Failure::NoSuchVm(format!(
+                return Err(Failure::no_such_vm(format!(
                     "profile {name:?} picks the VM by client address, and the request has none"
                 )));
             }
@@ -395,7 +393,7 @@ async fn find_address(backend: &Backend, vm: &str, deadline: Instant) -> Result<
             Err(f) => return Err(f),
         };
         if Instant::now() >= deadline {
-            return Err(Failure::Timeout(format!(
+            return Err(Failure::timeout(format!(
                 "no address for {vm} within {}: {why}",
                 humantime::format_duration(round(started.elapsed()))
             )));
@@ -415,7 +413,7 @@ async fn wait_until_down(backend: &Backend, vm: &str, deadline: Instant) -> Resu
             return Ok(power);
         }
         if Instant::now() >= deadline {
-            return Err(Failure::Timeout(format!("{vm} is still {power}")));
+            return Err(Failure::timeout(format!("{vm} is still {power}")));
         }
         pause.pause(deadline).await;
     }
@@ -447,7 +445,7 @@ async fn stop_vm(
             VM = vm,
             "{vm}: stop refused, no stop or kill command is configured"
         );
-        let why = Failure::Refused("no stop command is configured".into());
+        let why = Failure::refused("no stop command is configured");
         return reply(&mut answer, Err(why));
     }
     let power = match backend.power(vm).await {

@@ -145,7 +145,7 @@ impl Command {
 
     pub async fn suspend(&self, vm: &str, limit: Duration) -> Result<(), Failure> {
         let Some(argv) = &self.config.suspend else {
-            return Err(Failure::Refused("no suspend command is configured".into()));
+            return Err(Failure::refused("no suspend command is configured"));
         };
         run("suspend", argv, vm, limit).await?;
         self.suspended().insert(vm.to_owned());
@@ -162,7 +162,7 @@ impl Command {
     ) -> Result<Begun, Failure> {
         let out = run(name, argv, vm, self.config.timeout).await?;
         let (ip, said) = parse_output(&out).map_err(|why| {
-            Failure::Refused(format!("the {name} command's output is unusable: {why}"))
+            Failure::refused(format!("the {name} command's output is unusable: {why}"))
         })?;
         self.suspended().remove(vm);
         Ok(Begun {
@@ -184,7 +184,7 @@ impl Command {
     pub async fn stop(&self, vm: &str, limit: Duration) -> Result<(), Failure> {
         match &self.config.stop {
             Some(argv) => run("stop", argv, vm, limit).await.map(drop),
-            None => Err(Failure::Refused("no stop command is configured".into())),
+            None => Err(Failure::refused("no stop command is configured")),
         }
     }
 
@@ -203,7 +203,7 @@ impl Command {
 async fn run(name: &str, argv: &[String], vm: &str, limit: Duration) -> Result<String, Failure> {
     let args: Vec<String> = argv.iter().map(|a| a.replace(PLACEHOLDER, vm)).collect();
     let Some((program, rest)) = args.split_first() else {
-        return Err(Failure::Refused(format!("the {name} command is empty")));
+        return Err(Failure::refused(format!("the {name} command is empty")));
     };
     let mut child = tokio::process::Command::new(program)
         .args(rest)
@@ -214,10 +214,10 @@ async fn run(name: &str, argv: &[String], vm: &str, limit: Duration) -> Result<S
         .process_group(0)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| Failure::Refused(format!("cannot run the {name} command {program}: {e}")))?;
+        .map_err(|e| Failure::refused(format!("cannot run the {name} command {program}: {e}")))?;
     let pid = child.id();
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-        return Err(Failure::Unavailable(format!(
+        return Err(Failure::unavailable(format!(
             "the {name} command's output pipes are missing"
         )));
     };
@@ -232,17 +232,17 @@ async fn run(name: &str, argv: &[String], vm: &str, limit: Duration) -> Result<S
         Ok(Err(fault)) => {
             kill_group(pid);
             return Err(match fault {
-                Overflow::Limit => Failure::Refused(format!(
+                Overflow::Limit => Failure::refused(format!(
                     "the {name} command printed more than {OUTPUT_LIMIT} bytes; it was ended"
                 )),
                 Overflow::Io(e) => {
-                    Failure::Unavailable(format!("reading the {name} command's output: {e}"))
+                    Failure::unavailable(format!("reading the {name} command's output: {e}"))
                 }
             });
         }
         Err(_) => {
             kill_group(pid);
-            return Err(Failure::Timeout(format!(
+            return Err(Failure::timeout(format!(
                 "the {name} command did not finish within {}; it was ended",
                 humantime::format_duration(limit)
             )));
@@ -251,7 +251,7 @@ async fn run(name: &str, argv: &[String], vm: &str, limit: Duration) -> Result<S
     let err = String::from_utf8_lossy(&err);
     if !status.success() {
         let last = err.lines().rev().map(str::trim).find(|l| !l.is_empty());
-        return Err(Failure::Refused(match last {
+        return Err(Failure::refused(match last {
             Some(line) => line.to_owned(),
             None => format!("the {name} command {}", describe(status)),
         }));

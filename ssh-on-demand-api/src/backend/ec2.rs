@@ -20,7 +20,7 @@ use aws_sigv4::{
 use serde::{Deserialize, Serialize};
 
 use super::{Lookup, Power, ec2_credentials};
-use crate::error::{Failure, chain};
+use crate::error::Failure;
 
 const API_VERSION: &str = "2016-11-15";
 /// The state reason of an instance stopped by a hibernation.
@@ -188,7 +188,7 @@ impl Ec2 {
         let xml = self.call("DescribeInstances", vm, &[]).await?;
         let configured = instance_field(&xml, vm, &["hibernationOptions", "configured"])?;
         if configured.as_deref() != Some("true") {
-            return Err(Failure::Refused(format!(
+            return Err(Failure::refused(format!(
                 "instance {vm} cannot hibernate: it was not launched with hibernation enabled \
                  (HibernationOptions Configured=true, which also needs an encrypted EBS root volume with room \
                  for its memory and a supported instance type and AMI); set if_suspend_fails = \"shutdown\" \
@@ -223,7 +223,7 @@ impl Ec2 {
         };
         let headers = self
             .sign(&body)
-            .map_err(|e| Failure::Refused(format!("signing the {action} request: {e:#}")))?;
+            .map_err(|e| Failure::refused(format!("signing the {action} request: {e:#}")))?;
         let mut request = self
             .client
             .post(self.endpoint.clone())
@@ -237,17 +237,13 @@ impl Ec2 {
             request = request.header(name, value);
         }
         let response = request.send().await.map_err(|e| {
-            Failure::Unavailable(format!(
-                "cannot reach EC2 at {}: {}",
-                self.endpoint,
-                chain(&e)
-            ))
+            Failure::unreachable(format!("cannot reach EC2 at {}", self.endpoint), e)
         })?;
         let status = response.status();
         let text = response
             .text()
             .await
-            .map_err(|e| Failure::Unavailable(format!("reading EC2's answer: {}", chain(&e))))?;
+            .map_err(|e| Failure::unreachable("reading EC2's answer", e))?;
         if status.is_success() {
             return Ok(text);
         }
@@ -260,9 +256,9 @@ impl Ec2 {
                 "RequestLimitExceeded" | "Throttling" | "InternalError" | "Unavailable"
             );
         Err(if transient {
-            Failure::Unavailable(words)
+            Failure::unavailable(words)
         } else {
-            Failure::Refused(words)
+            Failure::refused(words)
         })
     }
 
@@ -305,13 +301,13 @@ impl Ec2 {
 /// DescribeInstances answer; Ok(None) if the element is absent, an error if the instance is.
 fn instance_field(xml: &str, vm: &str, path: &[&str]) -> Result<Option<String>, Failure> {
     let doc = roxmltree::Document::parse(xml).map_err(|e| {
-        Failure::Unavailable(format!("EC2 answered something that is not XML: {e}"))
+        Failure::unavailable(format!("EC2 answered something that is not XML: {e}"))
     })?;
     let instance = doc
         .descendants()
         .find(|n| n.has_tag_name("instanceId") && n.text() == Some(vm))
         .and_then(|n| n.parent())
-        .ok_or_else(|| Failure::Refused(format!("EC2 does not list instance {vm}")))?;
+        .ok_or_else(|| Failure::refused(format!("EC2 does not list instance {vm}")))?;
     let mut node = instance;
     for name in path {
         match node.children().find(|c| c.has_tag_name(*name)) {
@@ -345,6 +341,7 @@ fn error_of(xml: &str) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Kind;
 
     const DESCRIBE: &str = r#"<DescribeInstancesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
       <reservationSet><item><instancesSet><item>
@@ -364,10 +361,10 @@ mod tests {
             instance_field(DESCRIBE, "i-0abc", &["ipAddress"]).unwrap(),
             None
         );
-        assert!(matches!(
-            instance_field(DESCRIBE, "i-0def", &["ipAddress"]),
-            Err(Failure::Refused(_))
-        ));
+        assert_eq!(
+            instance_field(DESCRIBE, "i-0def", &["ipAddress"]).map_err(|e| e.kind()),
+            Err(Kind::Refused)
+        );
     }
 
     #[test]

@@ -204,7 +204,7 @@ impl Libvirt {
             op(&dom).map_err(failure)
         })
         .await
-        .map_err(|e| Failure::Unavailable(format!("the libvirt call failed: {e}")))?
+        .map_err(|e| Failure::unavailable(format!("the libvirt call failed: {e}")))?
     }
 }
 
@@ -218,7 +218,7 @@ fn connect(slot: &Mutex<Option<Connect>>, uri: &str) -> Result<Connect, Failure>
         return Ok(conn.clone());
     }
     let conn = Connect::open(Some(uri)).map_err(|e| {
-        Failure::Unavailable(format!(
+        Failure::unavailable(format!(
             "cannot connect to libvirt at {uri}: {}",
             e.message()
         ))
@@ -238,7 +238,7 @@ fn failure(e: VirtError) -> Failure {
             | ErrorNumber::Rpc
             | ErrorNumber::OperationTimeout
             | ErrorNumber::AgentUnresponsive,
-        ) => Failure::Unavailable(message),
-        _ => Failure::Refused(message),
+        ) => Failure::unavailable(message),
+        _ => Failure::refused(message),
     }
 }

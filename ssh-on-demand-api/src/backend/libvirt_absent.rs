@@ -66,5 +66,5 @@ impl Libvirt {
 }
 
 fn absent() -> Failure {
-    Failure::Refused(ABSENT.to_owned())
+    Failure::refused(ABSENT.to_owned())
 }

@@ -173,8 +173,8 @@ impl Backend {
             Backend::Command(b) => b.boot_instead(vm).await,
             Backend::Libvirt(b) => b.boot_instead(vm).await.map(|()| Begun::default()),
             Backend::Proxmox(b) => b.boot_instead(vm).await.map(|()| Begun::default()),
-            Backend::Ec2(_) => Err(Failure::Refused(
-                "EC2 offers no boot instead of a hibernated instance's resume".into(),
+            Backend::Ec2(_) => Err(Failure::refused(
+                "EC2 offers no boot instead of a hibernated instance's resume",
             )),
         }
     }

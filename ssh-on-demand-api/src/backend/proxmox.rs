@@ -18,7 +18,7 @@ use super::{Lookup, Power};
 use crate::{
     address::{self, Interface},
     config,
-    error::{Failure, chain},
+    error::{Failure, Kind},
     tls,
 };
 
@@ -220,7 +220,7 @@ impl Proxmox {
     /// keeps its state until a start restores it: Proxmox VE offers no boot instead.
     pub async fn boot_instead(&self, vm: &str) -> Result<(), Failure> {
         if self.state(vm).await? == State::OnDisk {
-            return Err(Failure::Refused(format!(
+            return Err(Failure::refused(format!(
                 "{vm} is suspended to disk, and Proxmox VE restores that state at every start"
             )));
         }
@@ -238,7 +238,7 @@ impl Proxmox {
     }
 
     pub async fn address(&self, vm: &str) -> Result<Lookup, Failure> {
-        let guest = Guest::parse(vm).map_err(|e| Failure::Refused(format!("{e:#}")))?;
+        let guest = Guest::parse(vm).map_err(|e| Failure::refused(format!("{e:#}")))?;
         let path = if guest.kind == "lxc" {
             "interfaces"
         } else {
@@ -250,8 +250,8 @@ impl Proxmox {
         {
             Ok(answer) => answer,
             // "QEMU guest agent is not running" while the guest boots: Proxmox answers 500 for it.
-            Err(Failure::Refused(why) | Failure::Unavailable(why)) => {
-                return Ok(Lookup::NotYet(why));
+            Err(failure) if matches!(failure.kind(), Kind::Refused | Kind::Unavailable) => {
+                return Ok(Lookup::NotYet(failure.message().to_owned()));
             }
             Err(other) => return Err(other),
         };
@@ -289,7 +289,7 @@ impl Proxmox {
     }
 
     fn guest_path(&self, vm: &str, rest: &str) -> Result<String, Failure> {
-        let guest = Guest::parse(vm).map_err(|e| Failure::Refused(format!("{e:#}")))?;
+        let guest = Guest::parse(vm).map_err(|e| Failure::refused(format!("{e:#}")))?;
         Ok(format!(
             "nodes/{}/{}/{}/{rest}",
             self.config.node, guest.kind, guest.vmid
@@ -299,7 +299,7 @@ impl Proxmox {
     /// Waits until the task `upid` ends; its exit status other than `OK` is Proxmox's reason.
     async fn wait_for_task(&self, upid: &Value) -> Result<(), Failure> {
         let Some(upid) = upid.as_str() else {
-            return Err(Failure::Unavailable(format!(
+            return Err(Failure::unavailable(format!(
                 "Proxmox answered {upid} instead of a task id"
             )));
         };
@@ -315,14 +315,12 @@ impl Proxmox {
             if task.get("status").and_then(Value::as_str) == Some("stopped") {
                 return match task.get("exitstatus").and_then(Value::as_str) {
                     Some("OK") => Ok(()),
-                    Some(why) => Err(Failure::Refused(why.to_owned())),
-                    None => Err(Failure::Refused(
-                        "the task ended without an exit status".into(),
-                    )),
+                    Some(why) => Err(Failure::refused(why.to_owned())),
+                    None => Err(Failure::refused("the task ended without an exit status")),
                 };
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(Failure::Timeout(format!(
+                return Err(Failure::timeout(format!(
                     "task {upid} still running after {}",
                     humantime::format_duration(self.config.task_timeout)
                 )));
@@ -356,16 +354,13 @@ impl Proxmox {
                 .body(body.join("&"));
         }
         let response = request.send().await.map_err(|e| {
-            Failure::Unavailable(format!(
-                "cannot reach Proxmox VE at {}: {}",
-                self.config.url,
-                chain(&e)
-            ))
+            Failure::unreachable(format!("cannot reach Proxmox VE at {}", self.config.url), e)
         })?;
         let status = response.status();
-        let text = response.text().await.map_err(|e| {
-            Failure::Unavailable(format!("reading Proxmox VE's answer: {}", chain(&e)))
-        })?;
+        let text = response
+            .text()
+            .await
+            .map_err(|e| Failure::unreachable("reading Proxmox VE's answer", e))?;
         let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         if status.is_success() {
             return Ok(body.get("data").cloned().unwrap_or(Value::Null));
@@ -386,9 +381,9 @@ fn classify(status: StatusCode, message: String) -> Failure {
         || message.contains("quorum")
         || message.contains("got timeout");
     if transient {
-        Failure::Unavailable(message)
+        Failure::unavailable(message)
     } else {
-        Failure::Refused(message)
+        Failure::refused(message)
     }
 }
 
