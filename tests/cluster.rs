@@ -16,7 +16,7 @@ use common::{
     api::StartApi,
     etcd::Cluster,
     proxy::{BINARY, Mode, Proxy, ProxyBuilder},
-    ssh::{Session, assert_echo, run, ssh},
+    ssh::{Burst, Session, assert_echo, run, ssh},
     vm::Vm,
 };
 use serde_json::Value;
@@ -91,12 +91,9 @@ fn a_burst_over_three_hosts_makes_one_start_call() {
                 .start()
         })
         .collect();
-    let logins: Vec<_> = (0..LOGINS)
-        .map(|i| {
-            let (proxy, key) = (hosts[i % hosts.len()].addr, vm.client_key());
-            thread::spawn(move || run(ssh(proxy, &key).arg(format!("echo {i}")), PATIENCE * 4))
-        })
-        .collect();
+    let logins = Burst::start(LOGINS, &vm.client_key(), PATIENCE * 4, |i| {
+        hosts[i % hosts.len()].addr
+    });
     // Every login has its address: one from the start API, all others from that start.
     let deadline = Instant::now() + PATIENCE * 4;
     loop {
@@ -130,15 +127,7 @@ fn a_burst_over_three_hosts_makes_one_start_call() {
         assert_eq!(by_host.iter().filter(|h| *h == name).count(), LOGINS / 3);
     }
     vm.start();
-    for (i, login) in logins.into_iter().enumerate() {
-        let output = login.join().unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&output.stdout), format!("{i}\n"));
-    }
+    logins.assert_all_in();
     assert_eq!(api.requests_to("/start").len(), 1);
     assert_eq!(vm_status(&hosts[1])["starts"], 1);
 }

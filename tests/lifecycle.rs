@@ -17,7 +17,7 @@ use common::{
     PATIENCE,
     api::{Answer, StartApi},
     proxy::{BINARY, Mode, Proxy, ProxyBuilder},
-    ssh::{Session, assert_echo, run, ssh},
+    ssh::{Burst, Session, assert_echo, run, ssh},
     vm::Vm,
 };
 use serde_json::{Value, json};
@@ -47,20 +47,15 @@ fn vm_status(proxy: &Proxy) -> Value {
 }
 
 both_modes! {
-    /// 100 logins from one address while the VM boots: one start call, 100 sessions.
+    /// 50 logins from one address while the VM boots: one start call, 50 sessions.
     fn burst_of_logins_makes_one_start_call(mode) {
-        const LOGINS: usize = 100;
+        const LOGINS: usize = 50;
         let vm = Vm::new();
         let api = StartApi::pointing_at(&vm); // answers at once; the VM "boots" when the test says
         let proxy = Proxy::builder_in(mode, &api.url())
             .args(["--max-sessions-per-source=200", "--boot-timeout=5m", "--log-level=info"])
             .start();
-        let logins: Vec<_> = (0..LOGINS)
-            .map(|i| {
-                let (proxy, key) = (proxy.addr, vm.client_key());
-                thread::spawn(move || run(ssh(proxy, &key).arg(format!("echo {i}")), PATIENCE * 4))
-            })
-            .collect();
+        let logins = Burst::start(LOGINS, &vm.client_key(), PATIENCE * 4, |_| proxy.addr);
         // Every connection has its address: one from the start API, all others from that start.
         proxy.log.wait_until(PATIENCE * 4, |lines| {
             let asked = lines.iter().filter(|l| l.contains("start API answered")).count();
@@ -69,11 +64,7 @@ both_modes! {
         });
         assert_eq!(vm_status(&proxy)["sessions"].as_array().unwrap().len(), LOGINS);
         vm.start();
-        for (i, login) in logins.into_iter().enumerate() {
-            let output = login.join().unwrap();
-            assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-            assert_eq!(String::from_utf8_lossy(&output.stdout), format!("{i}\n"));
-        }
+        logins.assert_all_in();
         assert_eq!(api.requests_to("/start").len(), 1);
         proxy.wait_for_summary(LOGINS);
         let status = vm_status(&proxy);

@@ -51,6 +51,41 @@ pub fn scp(proxy: SocketAddr, key: &Path) -> Command {
     command
 }
 
+/// Logins at once, each in a thread of its own: the `i`th goes through the proxy at `via(i)` and runs
+/// `echo i`, for `limit` at most.
+pub struct Burst(Vec<thread::JoinHandle<Output>>);
+
+impl Burst {
+    pub fn start(
+        count: usize,
+        key: &Path,
+        limit: Duration,
+        via: impl Fn(usize) -> SocketAddr,
+    ) -> Burst {
+        Burst(
+            (0..count)
+                .map(|i| {
+                    let (proxy, key) = (via(i), key.to_owned());
+                    thread::spawn(move || run(ssh(proxy, &key).arg(format!("echo {i}")), limit))
+                })
+                .collect(),
+        )
+    }
+
+    /// Waits for every login: each worked and printed its number.
+    pub fn assert_all_in(self) {
+        for (i, login) in self.0.into_iter().enumerate() {
+            let output = login.join().unwrap();
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert_eq!(String::from_utf8_lossy(&output.stdout), format!("{i}\n"));
+        }
+    }
+}
+
 /// Logs in through the proxy at `proxy`, runs `echo WORD`, and checks that the login worked and the output
 /// came back.
 pub fn assert_echo(proxy: SocketAddr, key: &Path, word: &str) {

@@ -52,7 +52,7 @@ const LINGER: Duration = Duration::from_secs(2);
 /// The VM's side of the relay: keep-alive after 60 s idle, 6 probes 10 s apart, and as long for data or a
 /// window left unacknowledged (`TCP_USER_TIMEOUT`): src/relay.rs.
 const VM_SIDE_BOUND: Duration = Duration::from_secs(120);
-/// The daemon's client side (src/mode/daemon.rs), as the socket unit's: 120 s idle, 4 probes 30 s apart.
+/// The daemon's client side (src/mode/daemon/admission.rs), as the socket unit's: 120 s idle, 4 probes 30 s apart.
 const DAEMON_CLIENT_SIDE_BOUND: Duration = Duration::from_secs(240);
 /// A socket unit's keep-alive for the per-connection tests, short to keep them short: 2 s idle, 3 probes 1 s
 /// apart. The relay must keep it (and bound unacknowledged data by it), not put its own in its place.

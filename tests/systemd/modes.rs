@@ -9,7 +9,6 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     process::Stdio,
     sync::mpsc,
-    thread,
     time::{Duration, Instant},
 };
 
@@ -25,7 +24,7 @@ use crate::{
         api::{Answer, StartApi},
         container::{self, Container, wait_for},
         log::Log,
-        ssh::{Session, assert_echo, run, ssh},
+        ssh::{Burst, Session, assert_echo, run, ssh},
         steps,
         vm::Vm,
     },
@@ -450,12 +449,9 @@ fn burst_makes_one_start_call(lab: &Lab) {
     let Lab {
         container, host, ..
     } = lab;
-    let logins: Vec<_> = (0..BURST)
-        .map(|i| {
-            let (addr, key) = (host.ci_addr(), host.ci.client_key());
-            thread::spawn(move || run(ssh(addr, &key).arg(format!("echo {i}")), PATIENCE * 2))
-        })
-        .collect();
+    let logins = Burst::start(BURST, &host.ci.client_key(), PATIENCE * 2, |_| {
+        host.ci_addr()
+    });
     wait_for(
         "every login of the burst to wait for the VM",
         PATIENCE * 2,
@@ -468,15 +464,7 @@ fn burst_makes_one_start_call(lab: &Lab) {
         },
     );
     host.ci.start();
-    for (i, login) in logins.into_iter().enumerate() {
-        let output = login.join().unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&output.stdout), format!("{i}\n"));
-    }
+    logins.assert_all_in();
     assert_eq!(host.ci_api.requests_to("/start").len(), 1);
     let stop = &host.ci_api.wait_for_requests_to("/stop", 1, PATIENCE)[0];
     assert!(
