@@ -50,7 +50,7 @@ fn over(bound: Duration) -> Duration {
 /// `wire::LINGER`: after telling the client why, the proxy waits this long for it to hang up.
 const LINGER: Duration = Duration::from_secs(2);
 /// The VM's side of the relay: keep-alive after 60 s idle, 6 probes 10 s apart, and as long for data or a
-/// window left unacknowledged (`TCP_USER_TIMEOUT`): src/relay.rs.
+/// window left unacknowledged (`TCP_USER_TIMEOUT`): src/relay/mod.rs.
 const VM_SIDE_BOUND: Duration = Duration::from_secs(120);
 /// The daemon's client side (src/mode/daemon/admission.rs), as the socket unit's: 120 s idle, 4 probes 30 s apart.
 const DAEMON_CLIENT_SIDE_BOUND: Duration = Duration::from_secs(240);
