@@ -6,20 +6,21 @@
 //! ([`vm::api`]), the wait for the VM's sshd ([`vm::readiness`]), and the relay ([`relay`]), or a refusal the
 //! user can read ([`report`]). [`guard`] decides who may wake VMs at all.
 
+// Public: what the binary, the tests, the fuzz targets and the examples use; the rest is the crate's own.
 pub mod cli;
 pub mod commands;
 pub mod config;
-pub mod guard;
-pub mod limits;
+mod guard;
+mod limits;
 pub mod logging;
-pub mod memory;
-pub mod metrics;
+mod memory;
+mod metrics;
 pub mod mode;
 pub mod relay;
 pub mod report;
-pub mod secret;
-pub mod session;
-pub mod status;
+mod secret;
+mod session;
+mod status;
 pub mod vm;
 pub mod wire;
 
