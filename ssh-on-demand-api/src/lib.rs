@@ -2,15 +2,15 @@
 //! and AWS EC2. A program of its own, so that the proxy on port 22 holds no platform credentials.
 
 /// Choosing the VM's address among the interfaces a platform reports.
-pub mod address;
+mod address;
 /// The platforms: power, start, address, shutdown and forced stop of one VM.
-pub mod backend;
+mod backend;
 /// The command line.
 pub mod cli;
 /// The TOML configuration and its checks.
 pub mod config;
 /// Failures in the platform's words, and the HTTP status each becomes.
-pub mod error;
+mod error;
 /// journald or stderr, set up as the proxy does.
 pub mod logging;
 /// The man page, ssh-on-demand-api(8).
@@ -18,6 +18,6 @@ pub mod manpage;
 /// The HTTP endpoints, the token check and the listeners.
 pub mod server;
 /// TLS with a CA file or a pinned certificate fingerprint.
-pub mod tls;
+mod tls;
 /// Which VM a request means, shared starts, graceful-then-forced stops.
 pub mod vms;
