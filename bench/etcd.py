@@ -1,4 +1,4 @@
-"""The etcd cluster of a run (Debian's etcd-server): three members on loopback ports, as tests/common/etcd.rs
+"""The etcd cluster of a run (Debian's etcd-server): three members on loopback ports, as testkit/src/etcd.rs
 runs them, for the daemons with `state_store = "etcd"`. Their data is on disk (/var/tmp), as a real cluster's
 is: etcd syncs its log to disk before it answers a write."""
 import os

@@ -4,7 +4,7 @@
 //! backend: command (a real script), EC2 (moto's server), Proxmox VE (fakepve) and libvirt (libvirt's own
 //! test driver, whose lease address the test computes the way the driver does, and starts sshd there).
 
-mod common;
+use testkit as common;
 
 use std::{
     net::{Ipv4Addr, TcpStream},

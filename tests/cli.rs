@@ -1,6 +1,6 @@
 //! The command line an operator types: `check-config`, and what happens when the binary is run by hand.
 
-mod common;
+use testkit as common;
 
 use std::{
     collections::BTreeSet,
@@ -10,14 +10,14 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use common::proxy::BINARY;
+use common::proxy::binary;
 use ssh_on_demand::{
     cli::{Settings, settings_reference},
     config::Config,
 };
 
 fn ssh_on_demand(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(BINARY);
+    let mut command = Command::new(binary());
     command
         .args(args)
         .env_clear()
@@ -208,11 +208,11 @@ fn status_as_another_user_says_it_needs_root() {
     // copy of the binary, since the checkout may be where only root may go (/root).
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
-    let binary = dir.path().join("ssh-on-demand");
-    fs::copy(BINARY, &binary).unwrap();
+    let copy = dir.path().join("ssh-on-demand");
+    fs::copy(binary(), &copy).unwrap();
     let output = Command::new("runuser")
         .args(["-u", "nobody", "--"])
-        .arg(&binary)
+        .arg(&copy)
         .args(["status", "--config=/dev/null"])
         .arg("--api-url=http://127.0.0.1:9/start")
         .arg(format!("--state-dir={}", state.display()))

@@ -3,8 +3,7 @@
 //! stop while any host has a session, exactly one stop once the VM is idle everywhere, a host that dies, and
 //! members or the quorum lost. Each "host" is a daemon with its own address and `host_id`.
 
-#[macro_use]
-mod common;
+use testkit as common;
 
 use std::{
     thread,
@@ -15,7 +14,7 @@ use common::{
     PATIENCE,
     api::StartApi,
     etcd::Cluster,
-    proxy::{BINARY, Mode, Proxy, ProxyBuilder},
+    proxy::{Mode, Proxy, ProxyBuilder, binary},
     ssh::{Burst, Session, assert_echo, run, ssh},
     vm::Vm,
 };
@@ -287,7 +286,7 @@ fn per_connection_instances_refuse_the_etcd_store() {
 fn check_config_reaches_the_cluster_and_checks_the_idle_timeout() {
     let cluster = Cluster::start(1);
     let check = |extra: &[&str]| {
-        std::process::Command::new(BINARY)
+        std::process::Command::new(binary())
             .args([
                 "check-config",
                 "--config=/dev/null",
@@ -342,7 +341,7 @@ fn etcd_over_tls_with_a_client_certificate() {
     let cluster = Cluster::start_tls();
     let tls = cluster.tls().args();
     let check = |extra: &[String]| {
-        std::process::Command::new(BINARY)
+        std::process::Command::new(binary())
             .args([
                 "check-config",
                 "--config=/dev/null",
@@ -391,7 +390,7 @@ fn etcd_user_and_password() {
         ]
     };
     let check = |extra: Vec<String>| {
-        std::process::Command::new(BINARY)
+        std::process::Command::new(binary())
             .args([
                 "check-config",
                 "--config=/dev/null",

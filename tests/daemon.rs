@@ -2,8 +2,7 @@
 //! or given with --listen, and its metrics. (What users see in both modes is in tests/proxy.rs and
 //! tests/lifecycle.rs; the watchdog and the units under real systemd in tests/systemd/.)
 
-#[macro_use]
-mod common;
+use testkit as common;
 
 use std::{
     fs,
@@ -17,7 +16,7 @@ use common::{
     PATIENCE,
     api::StartApi,
     log::Log,
-    proxy::{BINARY, Mode, Proxy},
+    proxy::{Mode, Proxy, binary},
     ssh::{Session, assert_echo, run, ssh},
     vm::Vm,
 };
@@ -194,7 +193,7 @@ fn listen_flag_and_metrics() {
     let api = StartApi::booting(&vm, BOOT_TIME);
     let (addr, metrics) = (free_port(), free_port());
     let state = tempfile::tempdir().unwrap();
-    let mut daemon = Command::new(BINARY)
+    let mut daemon = Command::new(binary())
         .args(["daemon", "--config=/dev/null", "--log-target=stderr"])
         .arg(format!("--listen={addr}"))
         .arg(format!("--metrics-listen={metrics}"))

@@ -2,8 +2,8 @@
 //! (127.0.0.x), in both modes: `client_networks`, the start budget per address, penalties for addresses
 //! whose connections wake a VM and go no further, and what `status` and the journal say of them.
 
-#[macro_use]
-mod common;
+use testkit as common;
+use testkit::both_modes;
 
 use std::{
     io::{Read, Write},

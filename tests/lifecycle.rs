@@ -2,8 +2,8 @@
 //! its rules, processes killed in the middle, profiles on two ports, and `status`. Real sshd "VMs", a real
 //! HTTP start/stop API, the real ssh client.
 
-#[macro_use]
-mod common;
+use testkit as common;
+use testkit::both_modes;
 
 use std::{
     fs,
@@ -16,7 +16,7 @@ use std::{
 use common::{
     PATIENCE,
     api::{Answer, StartApi},
-    proxy::{BINARY, Mode, Proxy, ProxyBuilder},
+    proxy::{Mode, Proxy, ProxyBuilder, binary},
     ssh::{Burst, Session, assert_echo, run, ssh},
     vm::Vm,
 };
@@ -212,7 +212,7 @@ both_modes! {
         }
         thread::sleep(Duration::from_secs(6)); // twice the old idle timeout: the time under test
         assert!(api.requests_to("/stop").is_empty(), "stopped by the old idle_timeout");
-        let output = Command::new(BINARY)
+        let output = Command::new(binary())
             .args(["status", "--json"])
             .arg(format!("--config={}", file.display()))
             .arg(format!("--state-dir={}", proxy.state_dir.display()))
@@ -457,7 +457,7 @@ fn without_a_stop_url_the_vm_stays_up() {
     assert_eq!(status["state"], "idle");
     assert!(status["stop_due"].is_null());
     assert!(vm.is_up());
-    let text = Command::new(BINARY)
+    let text = Command::new(binary())
         .args(["status", "--config=/dev/null"])
         .arg(format!("--state-dir={}", proxy.state_dir.display()))
         .output()

@@ -1,8 +1,8 @@
 //! End to end through the real OpenSSH client, ssh-on-demand under systemd-socket-activate, a real HTTP start
 //! API and a real sshd as the VM.
 
-#[macro_use]
-mod common;
+use testkit as common;
+use testkit::both_modes;
 
 use std::{
     fs,

@@ -1,7 +1,7 @@
 //! Waiting for a booting VM, with the faults made for real: each test runs in a network namespace of its own
 //! (`unshare --net`), where nftables drops the SYNs to the "VM" or nothing listens yet, as while a VM boots.
 
-mod common;
+use testkit as common;
 
 use std::{
     env,

@@ -3,7 +3,7 @@
 //! with -incoming), and logged into through the real proxy both times. The first run fetches and builds the
 //! guest (tests/guest/build, cached under target/guest).
 
-mod common;
+use testkit as common;
 
 use std::time::{Duration, Instant};
 

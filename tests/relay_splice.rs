@@ -1,7 +1,7 @@
 //! The relay on real loopback sockets: the zero-copy path really taken (its pipes seen in /proc), exact bytes
 //! and counts around the pipe's size, stalled readers, resets, in both kinds of tokio runtime.
 
-mod common;
+use testkit as common;
 
 use std::{
     fs::{self, File},

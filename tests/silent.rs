@@ -1,8 +1,8 @@
 //! Clients that wait for the server to speak first: `ssh-keyscan` (which Ansible and CI use to fill
 //! `known_hosts`) and scanners. They start nothing unless told to, and get a running VM's host key at once.
 
-#[macro_use]
-mod common;
+use testkit as common;
+use testkit::both_modes;
 
 use std::{fs, time::Duration};
 

@@ -8,7 +8,7 @@
 //!
 //! Minutes long, so `#[ignore]`d: `cargo test --test soak -- --ignored --nocapture` (CI runs it so).
 
-mod common;
+use testkit as common;
 
 use std::{
     fs,
@@ -24,7 +24,7 @@ use common::{
     PATIENCE,
     api::{Answer, StartApi},
     netns::{NsVm, tcp_connections_to},
-    proxy::{BINARY, Mode, Proxy},
+    proxy::{Mode, Proxy, binary},
     ssh::{run, ssh},
 };
 
@@ -318,7 +318,7 @@ fn main_process(proxy: &Proxy) -> u32 {
             let first = args.first().map(String::as_str);
             args.contains(&state_dir)
                 && match proxy.mode {
-                    Mode::Daemon => first == Some(BINARY) && args.iter().any(|a| a == "daemon"),
+                    Mode::Daemon => first == Some(binary()) && args.iter().any(|a| a == "daemon"),
                     Mode::Activated => first == Some("systemd-socket-activate"),
                 }
         })
@@ -335,7 +335,7 @@ fn instances(proxy: &Proxy) -> Vec<u32> {
         .into_iter()
         .filter(|&pid| {
             let args = cmdline(pid);
-            args.first().map(String::as_str) == Some(BINARY) && args.contains(&state_dir)
+            args.first().map(String::as_str) == Some(binary()) && args.contains(&state_dir)
         })
         .collect()
 }

@@ -1,10 +1,10 @@
 //! The systemd units in units/: valid for systemd, and hardened.
 
-mod common;
+use testkit as common;
 
 use std::path::Path;
 
-use common::{proxy::BINARY, units};
+use common::{proxy::binary, units};
 
 /// Every unit the package installs, by its path under units/.
 const UNITS: [&str; 6] = [
@@ -28,7 +28,7 @@ fn units_verify_clean() {
         units_dir(),
         &UNITS,
         &[
-            (BINARY, "/usr/bin/ssh-on-demand"),
+            (binary(), "/usr/bin/ssh-on-demand"),
             ("/bin/kill", "/bin/kill"),
             ("/bin/sh", "/bin/sh"),
         ],

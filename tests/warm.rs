@@ -1,8 +1,8 @@
 //! Keep-warm windows, the start ahead of logins at a window's start, and `min_run_time`, in both modes:
 //! real sshd "VMs", a real HTTP start/stop API, the real ssh client, and the sweep as its timer runs it.
 
-#[macro_use]
-mod common;
+use testkit as common;
+use testkit::both_modes;
 
 use std::{thread, time::Duration};
 

@@ -1,7 +1,7 @@
 //! What crosses the client's socket, byte for byte: half-closes, and nothing but relayed bytes or our
 //! disconnect message, even when stderr is the client's socket.
 
-mod common;
+use testkit as common;
 
 use std::{
     io::{Read, Write},

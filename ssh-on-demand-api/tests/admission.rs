@@ -2,14 +2,14 @@
 //! a body of at most 16 KiB. Raw HTTP over real sockets, to announce and send what no well-behaved client
 //! would.
 
-mod common;
+use testkit as common;
 
 use std::{
     io::{Read, Write},
     net::TcpStream,
 };
 
-use common::{PATIENCE, companion::Companion, script};
+use common::{PATIENCE, api_server::Companion, script};
 
 /// A companion whose one profile's start prints 127.0.0.1.
 fn companion() -> (Companion, tempfile::TempDir) {

@@ -1,10 +1,10 @@
 //! The command line: check-config on good and bad files, and the man page.
 
-mod common;
+use testkit as common;
 
 use std::{fs, process::Command};
 
-use common::companion::BINARY;
+use common::api_server::binary;
 
 fn check_config(config: &str, credentials: &[(&str, &str)]) -> (bool, String, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -14,7 +14,7 @@ fn check_config(config: &str, credentials: &[(&str, &str)]) -> (bool, String, St
     for (name, content) in credentials {
         fs::write(creds.join(name), content).unwrap();
     }
-    let output = Command::new(BINARY)
+    let output = Command::new(binary())
         .arg("--config")
         .arg(dir.path().join("config.toml"))
         .arg("check-config")

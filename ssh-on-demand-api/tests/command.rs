@@ -1,13 +1,13 @@
 //! The command backend with real scripts: one that prints the address, one that waits so that concurrent
 //! starts meet, one that exits 1, one that hangs, one that floods stdout; stop, then kill.
 
-mod common;
+use testkit as common;
 
 use std::{fs, thread};
 
 use common::{
     PATIENCE,
-    companion::{Companion, client, start_body},
+    api_server::{Companion, client, start_body},
     script,
 };
 use serde_json::json;

@@ -1,11 +1,11 @@
 //! The EC2 backend against moto's EC2 server (PyPI `moto[server]`) with signature checking on. The
 //! instances live in a VPC whose subnet is in 127.0.0.0/8, so every private address is loopback.
 
-mod common;
+use testkit as common;
 
 use std::thread;
 
-use common::{PATIENCE, companion::Companion, moto::Moto};
+use common::{PATIENCE, api_server::Companion, moto::Moto};
 
 fn companion(moto: &Moto, secret: &str) -> Companion {
     let (a, b) = (&moto.instances[0].0, &moto.instances[1].0);
@@ -43,7 +43,7 @@ fn start_once_and_answer_the_private_address() {
     assert_eq!(moto.actions("start", other), 1);
     let stranger = api.post(
         "/start",
-        common::companion::start_body("class", "198.51.100.1"),
+        common::api_server::start_body("class", "198.51.100.1"),
     );
     assert_eq!(stranger.status, 404);
     assert_eq!(moto.actions("start", other), 1);

@@ -3,11 +3,11 @@
 //! range, so every address the companion answers is a loopback address.
 #![cfg(feature = "libvirt")]
 
-mod common;
+use testkit as common;
 
 use std::thread;
 
-use common::{PATIENCE, companion::Companion, loopback_net};
+use common::{PATIENCE, api_server::Companion, loopback_net};
 
 /// `dev` is shut off on a network whose DHCP range is loopback; `bare` has no interface; `held` is paused.
 fn node(net: &str) -> String {
@@ -75,12 +75,12 @@ fn start_boots_the_domain_once_and_answers_its_lease_address() {
     for reply in &replies {
         assert_eq!(reply.vm_ip(), ip);
     }
-    assert_eq!(api.count("vms: dev: starting"), 1);
+    assert_eq!(api.count("vms::start: dev: starting"), 1);
 
     // Running now: the address at once, no second start.
     assert_eq!(api.start_vm("lab").vm_ip(), ip);
     assert!(api.count("already running") >= 1);
-    assert_eq!(api.count("vms: dev: starting"), 1);
+    assert_eq!(api.count("vms::start: dev: starting"), 1);
 }
 
 #[test]
@@ -115,7 +115,7 @@ fn stop_shuts_the_domain_down_and_the_next_start_boots_it_again() {
         (200, Some("off"))
     );
     api.start_vm("lab").vm_ip();
-    assert_eq!(api.count("vms: dev: starting"), 2);
+    assert_eq!(api.count("vms::start: dev: starting"), 2);
 }
 
 #[test]
@@ -146,8 +146,8 @@ fn suspend_is_a_managed_save_that_the_next_start_restores_at_a_new_address() {
     assert!(after.starts_with(&format!("{net}.")), "{after}");
     assert_ne!(after, before, "the address was not looked up again");
     api.log
-        .wait_for(PATIENCE, |l| l.contains("vms: dev: resuming"));
-    assert_eq!(api.count("vms: dev: starting"), 1);
+        .wait_for(PATIENCE, |l| l.contains("vms::start: dev: resuming"));
+    assert_eq!(api.count("vms::start: dev: starting"), 1);
 
     // A paused domain keeps its state in the host's memory: a start continues it.
     let held = api.start_vm("held");

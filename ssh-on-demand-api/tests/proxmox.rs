@@ -1,13 +1,13 @@
 //! The Proxmox VE backend against fakepve (PyPI), an independent fake of the Proxmox VE API written from
 //! PVE's published API schema and error catalogue. Guests' agents report loopback addresses only.
 
-mod common;
+use testkit as common;
 
 use std::thread;
 
 use common::{
     PATIENCE,
-    companion::Companion,
+    api_server::Companion,
     loopback_net,
     pve::{Pve, TOKEN_SECRET},
 };

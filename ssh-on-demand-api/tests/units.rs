@@ -1,10 +1,10 @@
 //! The systemd units in units/: valid for systemd, and hardened as README.md says.
 
-mod common;
+use testkit as common;
 
 use std::path::Path;
 
-use common::{companion::BINARY, units};
+use common::{api_server::binary, units};
 
 const UNITS: [&str; 2] = ["ssh-on-demand-api.socket", "ssh-on-demand-api.service"];
 
@@ -17,7 +17,7 @@ fn units_verify_clean() {
     units::verify_clean(
         units_dir(),
         &UNITS,
-        &[(BINARY, "/usr/bin/ssh-on-demand-api")],
+        &[(binary(), "/usr/bin/ssh-on-demand-api")],
     );
 }
 

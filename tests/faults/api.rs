@@ -118,7 +118,7 @@ fn durations_no_deadline_can_reach_are_refused() {
         ("idle-timeout", Some("--stop-url=http://127.0.0.1:9/stop")),
         ("stop-timeout", Some("--stop-url=http://127.0.0.1:9/stop")),
     ] {
-        let output = Command::new(BINARY)
+        let output = Command::new(binary())
             .args([
                 "check-config",
                 "--config=/dev/null",

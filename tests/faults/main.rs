@@ -3,14 +3,13 @@
 //! speaking or speaking garbage; the client vanishing without a FIN while its VM boots or while it is relayed,
 //! or no longer reading; a start API that trickles, floods, or answers nonsense.
 //!
-//! Vanishing peers live in network namespaces of the test's own (tests/common/netns.rs), whose link goes down
+//! Vanishing peers live in network namespaces of the test's own (testkit/src/netns.rs), whose link goes down
 //! or whose packets are dropped, so that no FIN or RST ever arrives. The tests that wait out the relay's
 //! keep-alive (minutes, by design) are `#[ignore]`d, under `long::`: `cargo test --test faults -- --ignored
 //! long::` runs them, and CI does, many at once (they only wait).
 
-#[macro_use]
-#[path = "../common/mod.rs"]
-mod common;
+use testkit as common;
+use testkit::both_modes;
 
 use std::{
     fs,
@@ -31,7 +30,7 @@ use common::{
     api::StartApi,
     log::Log,
     netns::{Netns, NsVm, ssh_in, tcp_connections_to},
-    proxy::{BINARY, Mode, Proxy, ProxyBuilder},
+    proxy::{Mode, Proxy, ProxyBuilder, binary},
     ssh::{run, ssh},
     vm::Vm,
 };
@@ -280,7 +279,7 @@ fn instances(proxy: &Proxy) -> Vec<u32> {
             continue;
         };
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        if args.first() == Some(&BINARY.as_bytes())
+        if args.first() == Some(&binary().as_bytes())
             && args.contains(&state_dir.as_bytes())
             && !args.contains(&b"daemon".as_slice())
         {

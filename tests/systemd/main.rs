@@ -6,8 +6,7 @@
 //! - [`walkthrough`]: docs/first-login.md on a stock server, run as written, and the switch between modes;
 //! - [`packages`]: what the packages install, and the companion's two flavours replacing each other.
 
-#[path = "../common/mod.rs"]
-mod common;
+use testkit as common;
 mod inspect;
 mod modes;
 mod packages;

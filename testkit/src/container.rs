@@ -122,7 +122,7 @@ pub enum Network {
 
 /// target/tmp/nspawn: kept between runs, removed by `cargo clean`.
 fn cache_dir() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).join("nspawn")
+    super::target_tmp().join("nspawn")
 }
 
 /// An exclusive lock, held until the returned file is dropped.

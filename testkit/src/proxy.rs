@@ -7,6 +7,7 @@ use std::{
     os::{fd::OwnedFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::OnceLock,
     time::Duration,
 };
 
@@ -18,7 +19,11 @@ use tempfile::TempDir;
 
 use super::{PATIENCE, log::Log};
 
-pub const BINARY: &str = env!("CARGO_BIN_EXE_ssh-on-demand");
+/// ssh-on-demand as `cargo test` built it.
+pub fn binary() -> &'static str {
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| super::workspace_binary("ssh-on-demand"))
+}
 const LOOPBACK_VMS: &str = "--vm-network=127.0.0.0/8";
 
 /// The two ways to run ssh-on-demand; the tests that users see the same in both run in both.
@@ -167,10 +172,10 @@ impl ProxyBuilder {
                 if self.handover == Handover::InetdWithStderrOnSocket {
                     command.args(["sh", "-c", r#"exec "$0" "$@" 2>&1"#]);
                 }
-                command.arg(BINARY);
+                command.arg(binary());
             }
             Mode::Daemon => {
-                command.arg(BINARY).arg("daemon");
+                command.arg(binary()).arg("daemon");
                 // The test reads the records on stderr. The daemon inherits our environment, and with it the
                 // INVOCATION_ID of a CI runner that systemd started, which would send them to the journal.
                 command.env("SSH_ON_DEMAND_LOG_TARGET", "stderr");
@@ -287,7 +292,7 @@ impl Proxy {
 
     /// `ssh-on-demand sweep` with this proxy's settings, as ssh-on-demand-sweep.timer runs it.
     pub fn sweep(&self) {
-        let output = Command::new(BINARY)
+        let output = Command::new(binary())
             .args(["sweep", "--config=/dev/null"])
             .arg(format!("--state-dir={}", self.state_dir.display()))
             .args(&self.args)
@@ -320,7 +325,7 @@ pub fn status(state_dir: &Path) -> serde_json::Value {
 
 /// The same with more settings (a proxy's own, to read its etcd store).
 pub fn status_with(state_dir: &Path, args: &[String]) -> serde_json::Value {
-    let output = Command::new(BINARY)
+    let output = Command::new(binary())
         .args(["status", "--json", "--config=/dev/null"])
         .arg(format!("--state-dir={}", state_dir.display()))
         .args(args)

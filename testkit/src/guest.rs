@@ -108,16 +108,12 @@ impl Drop for Guest {
 }
 
 fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/guest")
-        .join(name)
+    super::workspace().join("tests/guest").join(name)
 }
 
 /// tests/guest/build into target/guest: the kernel's path and the initramfs's.
 fn build() -> (PathBuf, PathBuf) {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let target = super::target_dir();
     let mut child = Command::new(script("build"))
         .arg(target.join("guest"))
         .stdin(Stdio::null())

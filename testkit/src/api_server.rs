@@ -7,6 +7,7 @@ use std::{
     os::fd::OwnedFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::OnceLock,
 };
 
 use command_fds::{CommandFdExt, FdMapping};
@@ -15,7 +16,11 @@ use tempfile::TempDir;
 
 use super::{PATIENCE, log::Log};
 
-pub const BINARY: &str = env!("CARGO_BIN_EXE_ssh-on-demand-api");
+/// ssh-on-demand-api as `cargo test` built it.
+pub fn binary() -> &'static str {
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| super::workspace_binary("ssh-on-demand-api"))
+}
 
 pub struct Companion {
     child: Child,
@@ -69,7 +74,7 @@ impl Companion {
             .arg("-c")
             .arg(r#"LISTEN_PID=$$ LISTEN_FDS=1 exec "$@""#)
             .arg("sh")
-            .arg(BINARY)
+            .arg(binary())
             .arg("--config")
             .arg(&config_file)
             .args(["--log-target=stderr", "--log-level=debug"])
@@ -88,7 +93,7 @@ impl Companion {
         let dir = tempfile::tempdir().unwrap();
         let (config_file, credentials_dir, token) = prepare(dir.path(), config, &[]);
         let socket = dir.path().join("api.sock");
-        let mut command = Command::new(BINARY);
+        let mut command = Command::new(binary());
         command
             .arg("--config")
             .arg(&config_file)

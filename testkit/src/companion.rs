@@ -25,21 +25,16 @@ pub fn binary() -> &'static Path {
     BUILT.get_or_init(|| {
         let status = Command::new(env!("CARGO"))
             .args(["build", "--quiet", "--workspace", "--all-targets"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .current_dir(super::workspace())
             .status()
             .expect("running cargo");
         assert!(status.success(), "building ssh-on-demand-api failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
-        target.join("debug/ssh-on-demand-api")
+        PathBuf::from(super::workspace_binary("ssh-on-demand-api"))
     })
 }
 
 pub fn emulator(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("ssh-on-demand-api/tests/emulators")
-        .join(name)
+    super::emulator_script(name)
 }
 
 /// The companion, serving on 127.0.0.1:PORT with a fresh bearer token.

@@ -85,7 +85,7 @@ impl Emulator {
 /// The emulators' virtual environment: `target/tmp/venv`, beside the other caches of the tests (under
 /// `CARGO_TARGET_DIR` when that is set).
 fn venv() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).join("venv")
+    super::target_tmp().join("venv")
 }
 
 /// What makes the venv, as `.ci/run` does: the pinned emulators are in requirements.txt beside `script`.
