@@ -8,7 +8,7 @@
 //! - `vms/VM/sessions/HOST/N`, `vms/VM/claims/HOST/N`: each live session and each start or stop call in
 //!   flight, bound to its host's lease.
 //!
-//! Each daemon holds one lease ([`lease`]). A host that dies (or is cut off) loses it after its TTL, and with
+//! Each daemon holds one lease ([`lease`]); [`kv`] has etcd's calls and the key layout. A host that dies (or is cut off) loses it after its TTL, and with
 //! it its sessions and calls: the other hosts see its VMs idle from then. When the store cannot be reached,
 //! logins go on without it (their starts are not shared) and nothing is stopped.
 
@@ -20,17 +20,17 @@ use std::{
     },
 };
 
-use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{TxnOp, WatchOptions};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
-use tracing::warn;
 
 use super::{Registration, SessionInfo, StoreError, VmKey};
 use crate::{
     config::EtcdConfig,
-    vm::state::{Record, View, Write},
+    vm::state::{View, Write},
 };
 
+mod kv;
 mod lease;
 mod members;
 mod sources;
@@ -310,149 +310,6 @@ impl Etcd {
     pub async fn hosts(&self) -> Result<Vec<String>, StoreError> {
         let found = self.get(&self.key("hosts/"), true).await?;
         Ok(found.into_iter().map(|(host, _)| host).collect())
-    }
-
-    /// `key`, if it exists.
-    async fn get_one(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let found = self
-            .inner
-            .members
-            .call(|mut c| {
-                let key = key.to_owned();
-                async move { c.get(key, None).await }
-            })
-            .await
-            .inspect_err(|e| self.error(e))?;
-        Ok(found.kvs().first().cloned())
-    }
-
-    /// Does `then` if `key` is still at revision `seen` (0: absent): whether it was done.
-    async fn commit(&self, key: &str, seen: i64, then: TxnOp) -> Result<bool, StoreError> {
-        let txn = Txn::new()
-            .when([Compare::mod_revision(key, CompareOp::Equal, seen)])
-            .and_then([then]);
-        let response = self
-            .inner
-            .members
-            .call(|mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await
-            .inspect_err(|e| self.error(e))?;
-        Ok(response.succeeded())
-    }
-
-    /// Keys under `prefix` (without it), with their values unless `keys_only`.
-    async fn get(
-        &self,
-        prefix: &str,
-        keys_only: bool,
-    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let mut options = GetOptions::new().with_prefix();
-        if keys_only {
-            options = options.with_keys_only();
-        }
-        let response = self
-            .inner
-            .members
-            .call(|mut c| {
-                let (prefix, options) = (prefix.to_owned(), options.clone());
-                async move { c.get(prefix, Some(options)).await }
-            })
-            .await?;
-        Ok(response
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
-                let key = std::str::from_utf8(kv.key()).ok()?.get(prefix.len()..)?;
-                Some((key.to_owned(), kv.value().to_vec()))
-            })
-            .collect())
-    }
-
-    /// Everything under the VM's keys, at one revision: its record (and the revision it was written at, 0 if
-    /// none), its live sessions, and whether the holder it names is alive.
-    async fn read(&self, vm: &VmKey) -> Result<(View, i64), StoreError> {
-        let prefix = self.vm_key(vm, "");
-        let response = self
-            .inner
-            .members
-            .call(|mut c| {
-                let prefix = prefix.clone();
-                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
-            })
-            .await
-            .inspect_err(|e| self.error(e))?;
-        let revision = response.header().map_or(0, |h| h.revision());
-        let (mut record, mut seen) = (Record::default(), 0);
-        let (mut sessions, mut claims) = (0, HashSet::new());
-        for kv in response.kvs() {
-            let Some(rest) = kv.key().strip_prefix(prefix.as_bytes()) else {
-                continue;
-            };
-            if rest == b"record" {
-                seen = kv.mod_revision();
-                record = serde_json::from_slice(kv.value()).unwrap_or_else(|e| {
-                    warn!("{prefix}record is damaged ({e}); taking the VM as new");
-                    Record::default()
-                });
-            } else if rest.starts_with(b"sessions/") {
-                sessions += 1;
-            } else if let Some(claim) = rest.strip_prefix(b"claims/") {
-                claims.insert(claim.to_vec());
-            }
-        }
-        let holder_alive = record.phase.holder().is_some_and(|holder| {
-            let host = holder.host.as_deref().unwrap_or_default();
-            claims.contains(format!("{host}/{}", holder.claim).as_bytes())
-        });
-        let view = View {
-            record,
-            sessions: Some(sessions),
-            holder_alive,
-            revision,
-        };
-        Ok((view, seen))
-    }
-
-    /// Writes `key` bound to this host's lease.
-    async fn put_leased(&self, key: &str, body: Vec<u8>) -> Result<(), StoreError> {
-        let Some(lease) = *lock(&self.inner.lease) else {
-            return Err(StoreError::Etcd("this host holds no lease yet".to_owned()));
-        };
-        self.inner
-            .members
-            .call(|mut c| {
-                let (key, body) = (key.to_owned(), body.clone());
-                async move {
-                    c.put(key, body, Some(PutOptions::new().with_lease(lease)))
-                        .await
-                }
-            })
-            .await
-            .map(drop)
-    }
-
-    fn error(&self, e: &StoreError) {
-        self.inner.counters.errors.inc();
-        warn!(store_error = %e, "{e}");
-    }
-
-    /// A new registration's name (what a record's holder names) and key.
-    fn name(&self, vm: &VmKey, kind: &str) -> (String, String) {
-        let n = self.inner.next.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{}.{n}", std::process::id());
-        let key = self.vm_key(vm, &format!("{kind}/{}/{name}", self.inner.host));
-        (name, key)
-    }
-
-    fn key(&self, rest: &str) -> String {
-        format!("{}{rest}", self.inner.prefix)
-    }
-
-    fn vm_key(&self, vm: &VmKey, rest: &str) -> String {
-        format!("{}vms/{}/{rest}", self.inner.prefix, vm.name())
     }
 }
 
