@@ -1,4 +1,7 @@
-use super::{answer::MAX_DETAIL, *};
+use super::{
+    answer::{MAX_DETAIL, error_detail},
+    *,
+};
 
 fn parse(content_type: &str, body: &str) -> Result<SocketAddr, Unusable> {
     parse_answer(content_type, body.as_bytes(), 22)

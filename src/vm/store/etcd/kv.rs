@@ -29,7 +29,12 @@ impl Etcd {
     }
 
     /// Does `then` if `key` is still at revision `seen` (0: absent): whether it was done.
-    pub(super) async fn commit(&self, key: &str, seen: i64, then: TxnOp) -> Result<bool, StoreError> {
+    pub(super) async fn commit(
+        &self,
+        key: &str,
+        seen: i64,
+        then: TxnOp,
+    ) -> Result<bool, StoreError> {
         let txn = Txn::new()
             .when([Compare::mod_revision(key, CompareOp::Equal, seen)])
             .and_then([then]);
