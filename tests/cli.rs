@@ -83,6 +83,82 @@ fn check_config_prints_the_effective_settings_with_secrets_masked() {
     assert!(output.status.success(), "{}", text(&output.stderr));
 }
 
+/// `check-config` shows every setting there is (config/display.rs is written by hand; the list is
+/// `settings_reference()`): with each key of the local store set, each appears as `key = …`. The etcd
+/// keys need a cluster (tests/cluster.rs), and a secret's credential is the alternative to its file, shown
+/// as the file it came from.
+#[test]
+fn check_config_shows_every_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = write(dir.path(), "token", "t0ken\n");
+    let headers = write(dir.path(), "headers", "X-Api-Key: k3y\n");
+    let https = common::tls::HttpsApi::serve("{}");
+    let ca = https.ca_file.display().to_string();
+    let settings = format!(
+        "api_url = \"https://127.0.0.1:9/start\"\n\
+         api_token_file = \"{token}\"\n\
+         api_ca_file = \"{ca}\"\n\
+         api_headers = [\"X-Trace: 1\"]\n\
+         api_headers_file = \"{headers}\"\n\
+         api_timeout = \"9s\"\n\
+         profile = \"lab\"\n\
+         stop_url = \"https://127.0.0.1:9/stop\"\n\
+         idle_timeout = \"11m\"\n\
+         stop_timeout = \"2m\"\n\
+         min_run_time = \"5m\"\n\
+         keep_warm = [\"Mon-Fri 08:00-18:00 UTC\"]\n\
+         pre_wake = true\n\
+         vm_scope = \"profile\"\n\
+         vm_port = 2222\n\
+         boot_timeout = \"4m\"\n\
+         vm_connect_timeout = \"2s\"\n\
+         vm_banner_timeout = \"6s\"\n\
+         client_banner_timeout = \"4s\"\n\
+         silent_clients = \"close\"\n\
+         vm_networks = [\"10.0.0.0/8\"]\n\
+         client_networks = [\"192.0.2.0/24\"]\n\
+         source_start_limit = \"5 per 1m\"\n\
+         penalty_strikes = 4\n\
+         penalty_max = \"2h\"\n\
+         state_dir = \"{state}\"\n\
+         state_store = \"local\"\n\
+         max_sessions = 100\n\
+         max_sessions_per_source = 10\n\
+         max_pending_per_vm = 20\n\
+         drain_timeout = \"40s\"\n\
+         metrics_listen = \"127.0.0.1:9100\"\n\
+         [profiles.ci]\n\
+         ports = [2200]\n",
+        state = dir.path().join("state").display(),
+    );
+    let config = write(dir.path(), "config.toml", &settings);
+    let output = ssh_on_demand(&["check-config", "--config", &config], &[]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let shown = text(&output.stdout);
+    let given: BTreeSet<String> = settings
+        .lines()
+        .filter_map(|line| Some(line.split_once(" = ")?.0.to_owned()))
+        .collect();
+    let elsewhere =
+        |key: &str| key.starts_with("etcd_") || key == "host_id" || key.ends_with("_credential");
+    assert_eq!(
+        given,
+        documented_keys()
+            .into_iter()
+            .filter(|key| !elsewhere(key))
+            .collect(),
+        "the configuration above sets every setting but the etcd ones and the credentials"
+    );
+    for key in &given {
+        assert!(
+            shown
+                .lines()
+                .any(|line| line.starts_with(&format!("{key} = "))),
+            "check-config does not show {key}:\n{shown}"
+        );
+    }
+}
+
 #[test]
 fn check_config_names_the_problem() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,7 +6,7 @@ use std::{
     net::TcpListener,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::OnceLock,
 };
 
@@ -14,7 +14,10 @@ use command_fds::{CommandFdExt, FdMapping};
 use serde_json::Value;
 use tempfile::TempDir;
 
-use super::{PATIENCE, log::Log};
+use super::{
+    PATIENCE,
+    log::{Log, spawn_logged},
+};
 
 /// ssh-on-demand-api as `cargo test` built it.
 pub fn binary() -> &'static str {
@@ -175,13 +178,7 @@ fn prepare(dir: &Path, config: &str, credentials: &[(&str, &str)]) -> (PathBuf, 
 }
 
 fn spawn(mut command: Command, url: String, dir: TempDir, token: String) -> Companion {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting ssh-on-demand-api");
-    let log = Log::collect(child.stderr.take().unwrap(), "api");
+    let (child, log) = spawn_logged(&mut command, "api", "ssh-on-demand-api");
     Companion {
         child,
         url,

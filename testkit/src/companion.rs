@@ -14,7 +14,10 @@ use std::{
 use serde_json::Value;
 use tempfile::TempDir;
 
-use super::{emulator::Emulator, log::Log};
+use super::{
+    emulator::Emulator,
+    log::{Log, spawn_logged},
+};
 
 /// Builds ssh-on-demand-api once per test binary, the way tests/systemd/ builds the package. As the whole
 /// workspace with every target, as `cargo test --workspace` builds it: `-p ssh-on-demand-api` alone would
@@ -70,17 +73,15 @@ impl Companion {
             format!("listen = \"127.0.0.1:{port}\"\n{config}"),
         )
         .unwrap();
-        let mut child = Command::new(binary())
-            .arg("--config")
-            .arg(&config_file)
-            .args(["--log-target=stderr", "--log-level=debug"])
-            .env("CREDENTIALS_DIRECTORY", &creds)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting ssh-on-demand-api");
-        let log = Log::collect(child.stderr.take().unwrap(), "api");
+        let (child, log) = spawn_logged(
+            Command::new(binary())
+                .arg("--config")
+                .arg(&config_file)
+                .args(["--log-target=stderr", "--log-level=debug"])
+                .env("CREDENTIALS_DIRECTORY", &creds),
+            "api",
+            "ssh-on-demand-api",
+        );
         log.wait_for(super::PATIENCE, |l| {
             l.contains("serving") || l.contains("ERROR")
         });

@@ -5,13 +5,16 @@ use std::{
     fs,
     net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
 };
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tempfile::TempDir;
 
-use super::{PATIENCE, log::Log};
+use super::{
+    PATIENCE,
+    log::{Log, spawn_logged},
+};
 
 /// Raft timing for tests: a leader is elected within about a second of quorum. A lease's TTL cannot go
 /// below 1.5 election timeouts, so leases of 2 s keep their TTL.
@@ -179,8 +182,7 @@ impl Cluster {
                 .arg(format!("--trusted-ca-file={}", tls.ca.display()))
                 .arg("--client-cert-auth");
         }
-        let mut child = etcd
-            .arg(format!("--name={}", member.name))
+        etcd.arg(format!("--name={}", member.name))
             .arg(format!("--data-dir={}", data.display()))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
@@ -190,13 +192,8 @@ impl Cluster {
             .arg("--initial-cluster-state=new")
             .arg(format!("--initial-cluster-token={}", self.token))
             .arg(format!("--heartbeat-interval={HEARTBEAT_MS}"))
-            .arg(format!("--election-timeout={ELECTION_MS}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting etcd (apt-get install etcd-server)");
-        let log = Log::collect(child.stderr.take().unwrap(), "etcd");
+            .arg(format!("--election-timeout={ELECTION_MS}"));
+        let (child, log) = spawn_logged(&mut etcd, "etcd", "etcd (apt-get install etcd-server)");
         self.members[i].process = Some((child, log));
     }
 }

@@ -32,6 +32,7 @@ use std::{
     net::SocketAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
     sync::{Mutex, OnceLock},
     time::Duration,
 };
@@ -125,6 +126,18 @@ pub fn workspace_binary(name: &str) -> String {
         .join(name)
         .to_string_lossy()
         .into_owned()
+}
+
+/// Runs `command` to completion with nothing on its stdin; panics with its stderr unless it succeeded.
+pub fn output_ok(command: &mut Command) -> Output {
+    let output = command.stdin(Stdio::null()).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{command:?}: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
 }
 
 /// Writes an executable script.

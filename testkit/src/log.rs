@@ -2,6 +2,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read},
+    process::{Child, Command, Stdio},
     sync::{Arc, Condvar, Mutex},
     thread,
     time::{Duration, Instant},
@@ -34,6 +35,19 @@ fn echo_line(line: String) {
         Some(held) => held.push(line),
         None => eprintln!("{line}"),
     }
+}
+
+/// Starts `command` with nothing on its stdin and stdout and its stderr collected as `echo`'s lines; panics
+/// saying `what` is missing if it cannot start.
+pub fn spawn_logged(command: &mut Command, echo: &'static str, what: &str) -> (Child, Log) {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+    let log = Log::collect(child.stderr.take().expect("stderr is piped"), echo);
+    (child, log)
 }
 
 #[derive(Clone, Default)]

@@ -117,19 +117,7 @@ impl Netns {
 
     /// Runs `program args` inside the namespace and returns its output; panics if it fails.
     pub fn run(&self, program: &str, args: &[&str]) -> Output {
-        let output = self
-            .command(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{program} {args:?} in {}: {}",
-            self.name,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        output
+        super::output_ok(self.command(program).args(args))
     }
 
     /// The namespace's end of the link goes down: whatever it sends or is sent is lost, without a word.

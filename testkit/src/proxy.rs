@@ -6,7 +6,7 @@ use std::{
     net::{SocketAddr, TcpListener},
     os::{fd::OwnedFd, unix::process::CommandExt},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::OnceLock,
     time::Duration,
 };
@@ -17,7 +17,10 @@ use socket2::{Domain, Socket, Type};
 use ssh_on_demand::report::SUMMARY_MESSAGE_ID;
 use tempfile::TempDir;
 
-use super::{PATIENCE, log::Log};
+use super::{
+    PATIENCE,
+    log::{Log, spawn_logged},
+};
 
 /// ssh-on-demand as `cargo test` built it.
 pub fn binary() -> &'static str {
@@ -198,13 +201,11 @@ impl ProxyBuilder {
         // Its own process group, so that dropping the proxy ends every process it started (instances waiting
         // out an idle timeout included) and nothing else.
         command.process_group(0);
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting systemd-socket-activate (apt-get install systemd)");
-        let log = Log::collect(child.stderr.take().unwrap(), "proxy");
+        let (child, log) = spawn_logged(
+            &mut command,
+            "proxy",
+            "systemd-socket-activate (apt-get install systemd)",
+        );
         Proxy {
             addr,
             args: self.args,
@@ -292,17 +293,11 @@ impl Proxy {
 
     /// `ssh-on-demand sweep` with this proxy's settings, as ssh-on-demand-sweep.timer runs it.
     pub fn sweep(&self) {
-        let output = Command::new(binary())
-            .args(["sweep", "--config=/dev/null"])
-            .arg(format!("--state-dir={}", self.state_dir.display()))
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
+        super::output_ok(
+            Command::new(binary())
+                .args(["sweep", "--config=/dev/null"])
+                .arg(format!("--state-dir={}", self.state_dir.display()))
+                .args(&self.args),
         );
     }
 
@@ -325,17 +320,11 @@ pub fn status(state_dir: &Path) -> serde_json::Value {
 
 /// The same with more settings (a proxy's own, to read its etcd store).
 pub fn status_with(state_dir: &Path, args: &[String]) -> serde_json::Value {
-    let output = Command::new(binary())
-        .args(["status", "--json", "--config=/dev/null"])
-        .arg(format!("--state-dir={}", state_dir.display()))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let output = super::output_ok(
+        Command::new(binary())
+            .args(["status", "--json", "--config=/dev/null"])
+            .arg(format!("--state-dir={}", state_dir.display()))
+            .args(args),
     );
     serde_json::from_slice(&output.stdout).unwrap()
 }
