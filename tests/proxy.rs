@@ -266,13 +266,7 @@ both_modes! {
 
 /// Runs one ssh login that must be refused, and returns what the user saw on stderr.
 fn refused_login(proxy: &Proxy) -> String {
-    // The key does not matter: the user never gets as far as authenticating.
-    let key = Vm::new().client_key();
-    let output = run(ssh(proxy.addr, &key).arg("true"), PATIENCE);
-    assert_eq!(output.status.code(), Some(255), "{}", stderr(&output));
-    let seen = stderr(&output);
-    assert!(seen.contains("Received disconnect from"), "{seen}");
-    seen
+    common::ssh::refused_login(proxy.addr).0
 }
 
 both_modes! {

@@ -86,6 +86,36 @@ impl Burst {
     }
 }
 
+/// A login that the proxy at `proxy` must refuse: what the user read (ssh's stderr, which says the
+/// proxy disconnected), and how long it took from ssh's start.
+pub fn refused_login(proxy: SocketAddr) -> (String, Duration) {
+    let started = std::time::Instant::now();
+    let output = run(ssh(proxy, throwaway_key()).arg("true"), super::PATIENCE);
+    let took = started.elapsed();
+    let seen = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(255), "{seen}");
+    assert!(seen.contains("Received disconnect from"), "{seen}");
+    (seen, took)
+}
+
+/// A key for logins that never get as far as authenticating.
+fn throwaway_key() -> &'static Path {
+    static KEY: std::sync::OnceLock<(tempfile::TempDir, std::path::PathBuf)> =
+        std::sync::OnceLock::new();
+    let (_, path) = KEY.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        let status = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        (dir, path)
+    });
+    path
+}
+
 /// Logs in through the proxy at `proxy`, runs `echo WORD`, and checks that the login worked and the output
 /// came back.
 pub fn assert_echo(proxy: SocketAddr, key: &Path, word: &str) {
@@ -99,16 +129,21 @@ pub fn assert_echo(proxy: SocketAddr, key: &Path, word: &str) {
 }
 
 /// An ssh session through a proxy that stays open until closed: its shell says "ready", then waits for its
-/// stdin to close.
+/// stdin to close. Dropping it kills ssh.
 pub struct Session {
     child: std::process::Child,
+    stderr: super::log::Log,
 }
 
 impl Session {
     /// Logs in through `proxy` with `key` (and `args`, such as `-b 127.0.0.2`) and waits until the shell runs.
     pub fn open(proxy: SocketAddr, key: &Path, args: &[&str]) -> Session {
-        let mut child = ssh(proxy, key)
-            .args(args)
+        Session::start(ssh(proxy, key).args(args))
+    }
+
+    /// The same with an ssh command of the caller's (in a network namespace, say).
+    pub fn start(command: &mut Command) -> Session {
+        let mut child = command
             .arg("echo ready; exec cat >/dev/null")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -116,9 +151,19 @@ impl Session {
             .spawn()
             .unwrap();
         let out = super::log::Log::collect(child.stdout.take().unwrap(), "session");
-        let _ = super::log::Log::collect(child.stderr.take().unwrap(), "session stderr");
+        let stderr = super::log::Log::collect(child.stderr.take().unwrap(), "session stderr");
         out.wait_for(super::PATIENCE, |l| l == "ready");
-        Session { child }
+        Session { child, stderr }
+    }
+
+    /// Waits up to `limit` for ssh to exit by the other side's doing, as it does when its connection is
+    /// cut (status 255); what it printed on stderr.
+    pub fn wait_ended(&mut self, limit: Duration) -> Option<String> {
+        let status = self.child.wait_timeout(limit).unwrap()?;
+        assert_eq!(status.code(), Some(255), "ssh: {status}");
+        // stderr is complete once ssh's pipe closed; ssh closed it when it exited.
+        self.stderr.try_wait_until(super::PATIENCE, |_| None::<()>);
+        Some(self.stderr.lines().join("\n"))
     }
 
     /// Logs out, and returns when ssh has exited the moment the logout began: the session ended after it.
@@ -138,6 +183,13 @@ impl Session {
             status.is_some(),
             "the session is still open after {limit:?}"
         );
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -10,7 +10,7 @@ both_modes! {
         let proxy = Proxy::builder_in(mode, &api.url())
             .args(["--api-timeout", "2s", "--boot-timeout", "5s"])
             .start();
-        let (seen, took) = refused_login(&proxy);
+        let (seen, took) = refused_login(proxy.addr);
         assert!(
             seen.contains("VM failed to start: the start API did not answer within 2 s"),
             "{seen}"
@@ -43,7 +43,7 @@ fn api_sends_100_mib(mode: Mode, with_length: bool) {
         with_length,
     });
     let proxy = Proxy::start_in(mode, &api.url());
-    let (seen, took) = refused_login(&proxy);
+    let (seen, took) = refused_login(proxy.addr);
     assert!(
         seen.contains("VM failed to start: the start API's answer is larger than 64 KiB"),
         "{seen}"
@@ -69,12 +69,12 @@ both_modes! {
             (403, b"quota \xff exceeded".to_vec()),
         ]));
         let proxy = Proxy::start_in(mode, &api.url());
-        let (seen, _) = refused_login(&proxy);
+        let (seen, _) = refused_login(proxy.addr);
         assert!(
             seen.contains("VM failed to start: the start API's answer is unusable: it is not text"),
             "{seen}"
         );
-        let (seen, _) = refused_login(&proxy);
+        let (seen, _) = refused_login(proxy.addr);
         assert!(seen.contains("VM failed to start: the start API answered 403 Forbidden"), "{seen}");
         for n in [1, 2] {
             assert_field(&proxy.wait_for_summary(n), "outcome", "api_failed");
@@ -91,7 +91,7 @@ both_modes! {
             br#"{"vm_ip": 167772162}"#.to_vec(),
         )]));
         let proxy = Proxy::start_in(mode, &api.url());
-        let (seen, took) = refused_login(&proxy);
+        let (seen, took) = refused_login(proxy.addr);
         let expected = r#"VM failed to start: the start API's answer is unusable: vm_ip is a number 167772162, not a string such as "192.168.0.57""#;
         assert!(seen.contains(expected), "{seen}");
         assert!(took < SLACK, "{took:?}");

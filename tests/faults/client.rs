@@ -50,7 +50,7 @@ pub(crate) fn client_vanishes_while_relaying(mode: Mode) {
     let proxy = Proxy::builder_in(mode, &api.url())
         .listener(listener, None)
         .start();
-    let login = Login::open(ssh_in(&client_ns, addr, &vm.client_key()));
+    let login = Session::start(&mut ssh_in(&client_ns, addr, &vm.client_key()));
     client_ns.link_down();
     let vanished = Instant::now();
     drop(login); // killed; its FIN is lost with the link

@@ -1,50 +1,7 @@
-//! What the faults are made with: logins that stay open, raw clients, and VMs that are no sshd.
+//! What the faults are made with: raw clients, and VMs that are no sshd (logins that stay open are
+//! testkit's `Session`).
 
 use super::*;
-
-/// An ssh login that stays open until the other side ends it: its shell says "ready", then reads its stdin,
-/// which stays open. Dropping it kills ssh.
-pub(crate) struct Login {
-    child: Child,
-    _stdin: ChildStdin,
-    stderr: Log,
-}
-
-impl Login {
-    pub(crate) fn open(mut command: Command) -> Login {
-        let mut child = command
-            .arg("echo ready; exec cat >/dev/null")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = Log::collect(child.stdout.take().unwrap(), "login");
-        let stderr = Log::collect(child.stderr.take().unwrap(), "login stderr");
-        stdout.wait_for(PATIENCE, |l| l == "ready");
-        Login {
-            _stdin: child.stdin.take().unwrap(),
-            child,
-            stderr,
-        }
-    }
-
-    /// Waits up to `limit` for ssh to exit by the other side's doing; what it printed on stderr.
-    pub(crate) fn wait_ended(&mut self, limit: Duration) -> Option<String> {
-        let status = self.child.wait_timeout(limit).unwrap()?;
-        assert_eq!(status.code(), Some(255), "ssh: {status}");
-        // stderr is complete once ssh's pipe closed; ssh closed it when it exited.
-        self.stderr.try_wait_until(PATIENCE, |_| None::<()>);
-        Some(self.stderr.lines().join("\n"))
-    }
-}
-
-impl Drop for Login {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A client of raw bytes, to do what ssh never does: stop reading, or write into a relay that cannot take more.
 pub(crate) struct RawClient {

@@ -15,8 +15,7 @@ use std::{
     fs,
     io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
-    process::{Child, ChildStdin, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -28,13 +27,11 @@ use std::{
 use common::{
     PATIENCE,
     api::StartApi,
-    log::Log,
     netns::{Netns, NsVm, ssh_in, tcp_connections_to},
     proxy::{Mode, Proxy, ProxyBuilder, binary},
-    ssh::{run, ssh},
+    ssh::{Session, refused_login, ssh},
     vm::Vm,
 };
-use wait_timeout::ChildExt;
 
 /// Over a bound: process start-up, scheduling. Bounds are seconds to minutes; this only has to tell "ended by
 /// the bound" from "not bounded".
@@ -203,35 +200,6 @@ fn assert_field(summary: &str, name: &str, value: &str) {
         summary.contains(&format!("{name}=\"{value}\"")),
         "expected {name}={value:?} in {summary}"
     );
-}
-
-/// A login that the proxy must refuse: what the user read, and how long it took from ssh's start.
-fn refused_login(proxy: &Proxy) -> (String, Duration) {
-    let key = key();
-    let started = Instant::now();
-    let output = run(ssh(proxy.addr, &key).arg("true"), PATIENCE);
-    let took = started.elapsed();
-    let seen = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert_eq!(output.status.code(), Some(255), "{seen}");
-    assert!(seen.contains("Received disconnect from"), "{seen}");
-    (seen, took)
-}
-
-/// A key for logins that never get as far as authenticating.
-fn key() -> PathBuf {
-    static KEY: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
-    let (_, path) = KEY.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("key");
-        let status = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&path)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        (dir, path)
-    });
-    path.clone()
 }
 
 /// Checks that the proxy has nothing left of its `connections` finished connections: no per-connection

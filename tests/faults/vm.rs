@@ -18,7 +18,7 @@ both_modes! {
         let proxy = Proxy::builder_in(mode, &api.url())
             .args(["--boot-timeout", "4s", "--vm-banner-timeout", "1s"])
             .start();
-        let (seen, took) = refused_login(&proxy);
+        let (seen, took) = refused_login(proxy.addr);
         assert!(
             seen.contains(&format!(
                 "VM did not answer within 4 s (start API said {}; last try: TCP connected, but no SSH identification came)",
@@ -49,7 +49,7 @@ both_modes! {
         let proxy = in_namespaces(Proxy::builder_in(mode, &api.url()))
             .args(["--boot-timeout", "3s"])
             .start();
-        let (seen, took) = refused_login(&proxy);
+        let (seen, took) = refused_login(proxy.addr);
         assert!(
             seen.contains(&format!(
                 "VM did not answer within 3 s (start API said {}; last try: no TCP answer)",
@@ -76,7 +76,7 @@ both_modes! {
         let proxy = Proxy::builder_in(mode, &api.url())
             .args(["--boot-timeout", "3s"])
             .start();
-        let (seen, took) = refused_login(&proxy);
+        let (seen, took) = refused_login(proxy.addr);
         // The attempt the deadline cut short may be the last one ("no SSH identification came").
         assert!(
             seen.contains("last try: TCP connected, but what came back is not SSH)")
@@ -105,7 +105,7 @@ both_modes! {
         let proxy = Proxy::builder_in(mode, &api.url())
             .args(["--boot-timeout", "2s"])
             .start();
-        let (seen, took) = refused_login(&proxy);
+        let (seen, took) = refused_login(proxy.addr);
         // The attempt the deadline cut short may be the last one ("no SSH identification came").
         assert!(
             seen.contains("last try: TCP connected, then closed before any SSH identification)")
@@ -129,7 +129,7 @@ both_modes! {
             move |_| common::api::Answer::json(serde_json::json!({ "vm_ip": ip }))
         });
         let proxy = in_namespaces(Proxy::builder_in(mode, &api.url())).start();
-        let mut login = Login::open(ssh(proxy.addr, &vm.client_key()));
+        let mut login = Session::start(&mut ssh(proxy.addr, &vm.client_key()));
         vm.ns.reset_connections(vm.addr().port());
         let reset = Instant::now();
         let seen = login.wait_ended(SLACK).expect("ssh still runs after the VM reset its connection");
@@ -152,7 +152,7 @@ pub(crate) fn vm_vanishes_mid_session(mode: Mode, how: fn(&Netns)) {
         move |_| common::api::Answer::json(serde_json::json!({ "vm_ip": ip }))
     });
     let proxy = in_namespaces(Proxy::builder_in(mode, &api.url())).start();
-    let mut login = Login::open(ssh(proxy.addr, &vm.client_key()));
+    let mut login = Session::start(&mut ssh(proxy.addr, &vm.client_key()));
     how(&vm.ns);
     let vanished = Instant::now();
     let seen = login
