@@ -26,7 +26,18 @@ use super::{
 pub fn binary() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let status = Command::new(env!("CARGO"))
+        let mut cargo = Command::new(env!("CARGO"));
+        // As from a shell: without what `cargo test` set for this test (LD_LIBRARY_PATH, CARGO_PKG_*, the
+        // [env] of .cargo/config.toml). Build scripts watch some of it, so with it this build redid their
+        // crates (35 s), and the next `cargo test` redid them again.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            let ours = key == "CARGO_HOME" || key == "CARGO_TARGET_DIR";
+            if (key.starts_with("CARGO_") && !ours) || key == "LD_LIBRARY_PATH" {
+                cargo.env_remove(&*key);
+            }
+        }
+        let status = cargo
             .args(["build", "--quiet", "--workspace", "--all-targets"])
             .current_dir(super::workspace())
             .status()
