@@ -2,7 +2,7 @@
 //! pages the login's deepest calls touched. (A process per connection pays for each page it holds; the
 //! daemon's sessions share one process, and this is not for it.)
 
-use std::{fs, num::NonZeroUsize};
+use std::fs;
 
 /// Room left below the current frame for the calls the relay still makes, so that they do not fault pages
 /// straight back in: the relay's own stack is a few KiB deep.
@@ -51,6 +51,5 @@ fn main_stack_start() -> Option<usize> {
     let start = line.split('-').next()?;
     usize::from_str_radix(start, 16)
         .ok()
-        .and_then(NonZeroUsize::new)
-        .map(NonZeroUsize::get)
+        .filter(|&start| start != 0)
 }
