@@ -80,6 +80,13 @@ pub struct Metrics {
     refusals: Family<RuleLabel, Counter>,
 }
 
+/// `name, help => metric;` lines, each registered in `registry` as a clone of `metric`.
+macro_rules! register {
+    ($registry:ident, $($name:literal, $help:literal => $metric:expr;)*) => {
+        $($registry.register($name, $help, $metric.clone());)*
+    };
+}
+
 impl Metrics {
     /// The daemon's metrics; with the etcd store, its lease and errors too.
     pub fn new(store: &Store) -> Metrics {
@@ -98,74 +105,29 @@ impl Metrics {
             refusals: Family::default(),
             registry: Registry::default(),
         };
-        registry.register(
-            "sessions",
-            "Connections in progress",
-            metrics.sessions.clone(),
-        );
-        registry.register(
-            "connections",
-            "Connections ended, by outcome (relayed, client_gone, not_ssh, api_failed, vm_not_ready, misconfigured, busy, refused)",
-            metrics.connections.clone(),
-        );
-        registry.register(
-            "starts",
-            "VM starts, made by the connection or shared with another's",
-            metrics.starts.clone(),
-        );
-        registry.register("stops", "Idle stops, by result", metrics.stops.clone());
-        registry.register(
-            "api_seconds",
-            "Time until the start API gave an address",
-            metrics.api_seconds.clone(),
-        );
-        registry.register(
-            "vm_wait_seconds",
-            "Time from the start API's answer to the VM's SSH identification",
-            metrics.vm_wait_seconds.clone(),
-        );
-        registry.register(
-            "relayed_bytes",
-            "Bytes relayed, by direction",
-            metrics.bytes.clone(),
-        );
-        registry.register(
-            "relay_failures",
-            "Relays ended by a failed connection, by the end that failed (client, vm)",
-            metrics.relay_failures.clone(),
-        );
-        registry.register(
-            "vms",
-            "VMs the store knows, by state (new, starting, booting, up, idle, stopping, stopped, failed, interrupted)",
-            metrics.vms.clone(),
-        );
-        registry.register(
-            "refusals",
-            "Connections whose address the guard refused, by rule (client_networks, source_start_limit, penalty)",
-            metrics.refusals.clone(),
-        );
+        // Each registered as a clone: the registry's copy and ours share their values.
+        register! {
+            registry,
+            "sessions", "Connections in progress" => metrics.sessions;
+            "connections", "Connections ended, by outcome (relayed, client_gone, not_ssh, api_failed, vm_not_ready, misconfigured, busy, refused)" => metrics.connections;
+            "starts", "VM starts, made by the connection or shared with another's" => metrics.starts;
+            "stops", "Idle stops, by result" => metrics.stops;
+            "api_seconds", "Time until the start API gave an address" => metrics.api_seconds;
+            "vm_wait_seconds", "Time from the start API's answer to the VM's SSH identification" => metrics.vm_wait_seconds;
+            "relayed_bytes", "Bytes relayed, by direction" => metrics.bytes;
+            "relay_failures", "Relays ended by a failed connection, by the end that failed (client, vm)" => metrics.relay_failures;
+            "vms", "VMs the store knows, by state (new, starting, booting, up, idle, stopping, stopped, failed, interrupted)" => metrics.vms;
+            "refusals", "Connections whose address the guard refused, by rule (client_networks, source_start_limit, penalty)" => metrics.refusals;
+        }
         if let Store::Etcd(etcd) = store {
             let counters = etcd.counters();
-            registry.register(
-                "store_errors",
-                "Requests to etcd that failed or timed out",
-                counters.errors.clone(),
-            );
-            registry.register(
-                "store_leases_granted",
-                "etcd leases granted to this host (the first, and one after each loss)",
-                counters.leases_granted.clone(),
-            );
-            registry.register(
-                "store_leases_lost",
-                "etcd leases of this host lost: not renewed within their TTL",
-                counters.leases_lost.clone(),
-            );
-            registry.register(
-                "store_decisions_deferred",
-                "Idle stops put off because this host's sessions were not all in the store",
-                counters.deferred.clone(),
-            );
+            register! {
+                registry,
+                "store_errors", "Requests to etcd that failed or timed out" => counters.errors;
+                "store_leases_granted", "etcd leases granted to this host (the first, and one after each loss)" => counters.leases_granted;
+                "store_leases_lost", "etcd leases of this host lost: not renewed within their TTL" => counters.leases_lost;
+                "store_decisions_deferred", "Idle stops put off because this host's sessions were not all in the store" => counters.deferred;
+            }
         }
         Metrics {
             registry,
