@@ -14,7 +14,7 @@ use common::{
     PATIENCE,
     api::StartApi,
     etcd::Cluster,
-    proxy::{Mode, Proxy, ProxyBuilder, binary},
+    proxy::{Mode, Proxy, ProxyBuilder, binary, found_its_vm},
     ssh::{Burst, Session, assert_echo, run, ssh},
     vm::Vm,
 };
@@ -98,16 +98,7 @@ fn a_burst_over_three_hosts_makes_one_start_call() {
     loop {
         let answered: usize = hosts
             .iter()
-            .map(|h| {
-                h.log
-                    .lines()
-                    .iter()
-                    .filter(|l| {
-                        l.contains("start API answered")
-                            || l.contains("sharing another connection's start")
-                    })
-                    .count()
-            })
+            .map(|h| h.log.lines().iter().filter(|l| found_its_vm(l)).count())
             .sum();
         if answered == LOGINS {
             break;

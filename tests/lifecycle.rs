@@ -16,7 +16,7 @@ use std::{
 use common::{
     PATIENCE,
     api::{Answer, StartApi},
-    proxy::{Mode, Proxy, ProxyBuilder, binary},
+    proxy::{Mode, Proxy, ProxyBuilder, binary, found_its_vm},
     ssh::{Burst, Session, assert_echo, run, ssh},
     vm::Vm,
 };
@@ -58,9 +58,7 @@ both_modes! {
         let logins = Burst::start(LOGINS, &vm.client_key(), PATIENCE * 4, |_| proxy.addr);
         // Every connection has its address: one from the start API, all others from that start.
         proxy.log.wait_until(PATIENCE * 4, |lines| {
-            let asked = lines.iter().filter(|l| l.contains("start API answered")).count();
-            let shared = lines.iter().filter(|l| l.contains("sharing another connection's start")).count();
-            (asked + shared == LOGINS).then_some(())
+            (lines.iter().filter(|l| found_its_vm(l)).count() == LOGINS).then_some(())
         });
         assert_eq!(vm_status(&proxy)["sessions"].as_array().unwrap().len(), LOGINS);
         vm.start();
@@ -92,12 +90,7 @@ fn two_clients_during_a_boot(mode: Mode, scope: &str) -> usize {
         thread::spawn(move || run(ssh(addr, &key).args(["-b", "127.0.0.2", "true"]), PATIENCE))
     };
     proxy.log.wait_until(PATIENCE, |lines| {
-        let got = lines
-            .iter()
-            .filter(|l| {
-                l.contains("start API answered") || l.contains("sharing another connection's start")
-            })
-            .count();
+        let got = lines.iter().filter(|l| found_its_vm(l)).count();
         (got == 2).then_some(())
     });
     vm.start();

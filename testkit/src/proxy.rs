@@ -29,6 +29,19 @@ pub fn binary() -> &'static str {
 }
 const LOOPBACK_VMS: &str = "--vm-network=127.0.0.0/8";
 
+/// Whether a proxy's log line says that a connection has its VM's address: from the start API, from another
+/// connection's start, or from the VM's record, for a client that said nothing within the short wait a VM
+/// that runs (or boots) gets: under load, an ssh client can be that slow, and it is served all the same.
+pub fn found_its_vm(line: &str) -> bool {
+    [
+        "start API answered",
+        "sharing another connection's start",
+        "relaying a client that waits for the server to its running VM",
+    ]
+    .iter()
+    .any(|said| line.contains(said))
+}
+
 /// The two ways to run ssh-on-demand; the tests that users see the same in both run in both.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
