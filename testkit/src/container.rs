@@ -449,29 +449,3 @@ fn read_all(mut source: impl std::io::Read) -> Vec<u8> {
     let _ = source.read_to_end(&mut buf);
     buf
 }
-
-/// The ```sh blocks of a Markdown document, in order; with `after`, only those that follow the line that
-/// holds it. For documents whose commands the tests run as an operator would.
-pub fn shell_blocks(markdown: &str, after: Option<&str>) -> Vec<String> {
-    let mut lines = markdown.lines();
-    if let Some(marker) = after {
-        assert!(
-            lines.by_ref().any(|line| line.contains(marker)),
-            "no line holds {marker:?}"
-        );
-    }
-    let mut blocks = Vec::new();
-    let mut block: Option<String> = None;
-    for line in lines {
-        match (&mut block, line.trim_end()) {
-            (None, "```sh") => block = Some(String::new()),
-            (Some(_), "```") => blocks.extend(block.take()),
-            (Some(text), _) => {
-                text.push_str(line);
-                text.push('\n');
-            }
-            (None, _) => {}
-        }
-    }
-    blocks
-}

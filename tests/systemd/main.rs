@@ -2,11 +2,12 @@
 //! containers that boot systemd 252 as PID 1, configured and enabled the way the documents tell an operator,
 //! then used. Each scenario shares one container among its steps, and each step is a test of its own
 //! (`cargo test --test systemd -- --list`):
-//! - [`modes`]: the per-connection units and the daemon's, each used from the host;
+//! - [`modes`]: the per-connection units and the daemon's, each used from the host ([`host`]: its VMs and APIs);
 //! - [`walkthrough`]: docs/first-login.md on a stock server, run as written, and the switch between modes;
 //! - [`packages`]: what the packages install, and the companion's two flavours replacing each other.
 
 use testkit as common;
+mod host;
 mod inspect;
 mod modes;
 mod packages;

@@ -6,14 +6,12 @@
 use std::{
     fs,
     io::Write,
-    net::{Ipv4Addr, SocketAddr},
+    path::Path,
     process::Stdio,
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
 use libtest_mimic::{Arguments, Trial};
-use serde_json::json;
 use ssh_on_demand::vm::lifecycle::LIFECYCLE_MESSAGE_ID;
 use tempfile::TempDir;
 use wait_timeout::ChildExt;
@@ -21,20 +19,16 @@ use wait_timeout::ChildExt;
 use crate::{
     common::{
         self, PATIENCE,
-        api::{Answer, StartApi},
-        container::{self, Container, wait_for},
+        container::{Container, Network, wait_for},
         log::Log,
         ssh::{Burst, Session, assert_echo, run, ssh},
         steps,
-        vm::Vm,
     },
+    host::{Host, REFUSAL, REFUSED_CLIENT},
     inspect::*,
-    packages::{build_deb, check_installed_package},
+    packages::{Booted, boot_with_packages, build_deb, check_installed_package},
 };
 
-/// What the lab's start API tells a client it refuses (127.0.0.9).
-const REFUSAL: &str = "lab is full until 18:00";
-const REFUSED_CLIENT: &str = "127.0.0.9";
 /// Long enough for a second login to begin within it on a slow machine; every check is against it.
 const IDLE: Duration = Duration::from_secs(5);
 /// Logins in the burst.
@@ -104,23 +98,17 @@ pub struct Lab {
 /// Builds the package, boots a container on the host's network and installs the package there, as the
 /// README tells an operator.
 fn lab() -> Result<Lab, String> {
-    if let Some(why) = container::unavailable() {
-        return Err(why);
-    }
-    let packages = tempfile::tempdir().unwrap();
-    let deb = build_deb(packages.path());
-    let rootfs = container::cached_rootfs();
-    Container::preflight(&rootfs)?;
-    let started = Instant::now();
-    let container = Container::boot(&rootfs, |root| {
-        fs::copy(&deb, root.join("root/ssh-on-demand.deb")).unwrap();
-    });
-    eprintln!("container booted in {:?}", started.elapsed());
-    container.run_ok("dpkg", &["--install", "/root/ssh-on-demand.deb"]);
+    let Booted {
+        container,
+        debs,
+        dir,
+    } = boot_with_packages(|dir| vec![build_deb(dir)], Network::Host, |_| {})?;
+    let deb = Path::new("/root").join(debs[0].file_name().unwrap());
+    container.run_ok("dpkg", &["--install", &deb.to_string_lossy()]);
     Ok(Lab {
         container,
         host: Host::new(),
-        _packages: packages,
+        _packages: dir,
     })
 }
 
@@ -171,88 +159,6 @@ fn the_token_is_in_no_record(lab: &Lab) {
         .container
         .run_ok("journalctl", &["--no-pager", "--output=export"]);
     assert!(!journal.contains(&lab.host.token), "the token was logged");
-}
-
-/// What runs on the host: two VMs with their start/stop APIs, and the address and ports the sockets are
-/// moved to.
-struct Host {
-    /// The default profile, "lab": a VM per client address.
-    lab: Vm,
-    lab_api: StartApi,
-    /// Lets the lab's start API answer its first request.
-    open_gate: mpsc::Sender<()>,
-    /// The profile "ci" on a port of its own: one VM for everyone, booted when the test says.
-    ci: Vm,
-    ci_api: StartApi,
-    token: String,
-    listen: Ipv4Addr,
-    /// The ports of the two profiles, for `ListenStream=` (22 and 2222 in production).
-    lab_port: u16,
-    ci_port: u16,
-}
-
-impl Host {
-    /// The lab's start API holds the first request until the test has seen the instance's "starting" status,
-    /// then boots the VM and answers with its address; it refuses 127.0.0.9. Both stop APIs stop their VM.
-    fn new() -> Host {
-        let lab = Vm::new();
-        let (open_gate, gate) = mpsc::channel::<()>();
-        let lab_api = {
-            let vm = lab.clone();
-            let mut first = true;
-            StartApi::serve(move |request| {
-                if request.url == "/stop" {
-                    vm.stop();
-                    return Answer::text("stopped");
-                }
-                if request.json()["client_addr"] == REFUSED_CLIENT {
-                    return Answer::reply(403, "text/plain", REFUSAL);
-                }
-                if std::mem::take(&mut first) {
-                    let _ = gate.recv_timeout(PATIENCE);
-                }
-                vm.start();
-                Answer::json(json!({ "vm_ip": vm.ip().to_string() }))
-            })
-        };
-        let ci = Vm::new();
-        let ci_api = {
-            let vm = ci.clone();
-            StartApi::serve(move |request| {
-                if request.url == "/stop" {
-                    vm.stop();
-                    return Answer::text("stopped");
-                }
-                Answer::json(json!({ "vm_ip": vm.ip().to_string() }))
-            })
-        };
-        // Its own loopback address and ports, like the VMs: port 22 is the host's own sshd's.
-        let listen = Ipv4Addr::new(
-            127,
-            fastrand::u8(200..=254),
-            fastrand::u8(1..255),
-            fastrand::u8(1..255),
-        );
-        Host {
-            lab,
-            lab_api,
-            open_gate,
-            ci,
-            ci_api,
-            token: format!("t0ken-{:016x}", fastrand::u64(..)),
-            listen,
-            lab_port: common::reserved_port(),
-            ci_port: common::reserved_port(),
-        }
-    }
-
-    fn lab_addr(&self) -> SocketAddr {
-        (self.listen, self.lab_port).into()
-    }
-
-    fn ci_addr(&self) -> SocketAddr {
-        (self.listen, self.ci_port).into()
-    }
 }
 
 /// The operator's part: both profiles in the config file, the token in the credential store, `socket`

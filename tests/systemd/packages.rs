@@ -12,7 +12,10 @@ use libtest_mimic::{Arguments, Trial};
 use tempfile::TempDir;
 
 use crate::{
-    common::{container, container::Container, steps},
+    common::{
+        container::{self, Container, Network},
+        steps,
+    },
     inspect::is_active,
 };
 
@@ -25,6 +28,43 @@ const QUICK_RELEASE: [(&str, &str); 3] = [
     ("CARGO_PROFILE_RELEASE_LTO", "false"),
     ("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "256"),
 ];
+
+/// Packages built into a directory of their own, then a container booted on `network` with them copied into
+/// its /root (after `prepare` has written what it should find at boot). `Err(why)` when this machine cannot
+/// run containers.
+pub struct Booted {
+    pub container: Container,
+    pub debs: Vec<PathBuf>,
+    /// Where the packages are: kept until the container is gone.
+    pub dir: TempDir,
+}
+
+pub fn boot_with_packages(
+    build: impl FnOnce(&Path) -> Vec<PathBuf>,
+    network: Network,
+    prepare: impl FnOnce(&Path),
+) -> Result<Booted, String> {
+    if let Some(why) = container::unavailable() {
+        return Err(why);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let debs = build(dir.path());
+    let rootfs = container::cached_rootfs();
+    Container::preflight(&rootfs)?;
+    let started = Instant::now();
+    let container = Container::boot_on(&rootfs, network, |root| {
+        prepare(root);
+        for deb in &debs {
+            fs::copy(deb, root.join("root").join(deb.file_name().unwrap())).unwrap();
+        }
+    });
+    eprintln!("container booted in {:?}", started.elapsed());
+    Ok(Booted {
+        container,
+        debs,
+        dir,
+    })
+}
 
 /// Builds the package from the current sources with packaging/build-deb, as a maintainer would, into `dir`
 /// (ours alone, so that another test run building at the same time cannot swap it under us). Cargo rebuilds

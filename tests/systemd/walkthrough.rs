@@ -8,9 +8,8 @@ use std::{
     fs,
     io::Write,
     os::unix::fs::PermissionsExt,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Instant,
 };
 
 use libtest_mimic::{Arguments, Trial};
@@ -26,7 +25,7 @@ use crate::{
         steps,
     },
     inspect::*,
-    packages::{build_api_deb, build_deb, check_installed_api_package},
+    packages::{Booted, boot_with_packages, build_api_deb, build_deb, check_installed_api_package},
 };
 
 pub fn walkthrough(args: &Arguments) -> Vec<Trial> {
@@ -65,18 +64,12 @@ pub struct Walk {
 }
 
 fn stock_server() -> Result<Walk, String> {
-    if let Some(why) = container::unavailable() {
-        return Err(why);
-    }
-    let packages = tempfile::tempdir().unwrap();
-    let debs = [
-        build_deb(packages.path()),
-        build_api_deb(packages.path(), false),
-    ];
-    let rootfs = container::cached_rootfs();
-    Container::preflight(&rootfs)?;
-    let started = Instant::now();
-    let container = Container::boot_on(&rootfs, Network::Private, |root| {
+    let build = |dir: &Path| vec![build_deb(dir), build_api_deb(dir, false)];
+    let Booted {
+        container,
+        mut debs,
+        dir,
+    } = boot_with_packages(build, Network::Private, |root| {
         // A stock server: sshd on port 22, localhost in /etc/hosts, and the operator's key, which the
         // server's sshd (and so the VM's stand-in) accepts.
         container::enable_ssh(root);
@@ -99,22 +92,17 @@ fn stock_server() -> Result<Walk, String> {
             ssh_dir.join("authorized_keys"),
         )
         .unwrap();
-        for deb in &debs {
-            fs::copy(deb, root.join("root").join(deb.file_name().unwrap())).unwrap();
-        }
-    });
-    eprintln!("container booted in {:?}", started.elapsed());
-    let [_, api_deb] = debs;
+    })?;
     Ok(Walk {
         container,
-        api_deb,
-        _packages: packages,
+        api_deb: debs.pop().expect("the companion's package"),
+        _packages: dir,
     })
 }
 
 /// The document's commands, from the line that says the test runs them.
 fn walk() -> Vec<String> {
-    container::shell_blocks(
+    shell_blocks(
         include_str!("../../docs/first-login.md"),
         Some("The container test runs every sh block below"),
     )
@@ -287,7 +275,7 @@ fn modes_switch_both_ways(walk: &Walk) {
     container.run_ok("systemctl", &["start", "ssh-on-demand.socket"]);
     login();
 
-    let modes = container::shell_blocks(include_str!("../../docs/modes.md"), None);
+    let modes = shell_blocks(include_str!("../../docs/modes.md"), None);
     let [to_daemon, back] = &modes[..] else {
         panic!("docs/modes.md has two command blocks: {modes:#?}");
     };
@@ -311,4 +299,30 @@ fn modes_switch_both_ways(walk: &Walk) {
     login();
     let failed = container.run_ok("systemctl", &["--failed", "--plain", "--no-legend"]);
     assert!(!failed.contains("ssh-on-demand"), "{failed}");
+}
+
+/// The ```sh blocks of a Markdown document, in order; with `after`, only those that follow the line that
+/// holds it. For documents whose commands the tests run as an operator would.
+fn shell_blocks(markdown: &str, after: Option<&str>) -> Vec<String> {
+    let mut lines = markdown.lines();
+    if let Some(marker) = after {
+        assert!(
+            lines.by_ref().any(|line| line.contains(marker)),
+            "no line holds {marker:?}"
+        );
+    }
+    let mut blocks = Vec::new();
+    let mut block: Option<String> = None;
+    for line in lines {
+        match (&mut block, line.trim_end()) {
+            (None, "```sh") => block = Some(String::new()),
+            (Some(_), "```") => blocks.extend(block.take()),
+            (Some(text), _) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    blocks
 }
