@@ -58,7 +58,8 @@ pub struct Cli {
     #[arg(long, env = "SSH_ON_DEMAND_LOG_TARGET", value_enum, default_value_t = LogTarget::Auto, global = true)]
     pub log_target: LogTarget,
 
-    /// Most detailed level logged: error, warn, info, debug or trace
+    /// Most detailed level logged: error, warn, info, debug or trace (trace: the libraries' records, which a
+    /// release build leaves out)
     #[arg(
         long,
         env = "SSH_ON_DEMAND_LOG_LEVEL",

@@ -1,8 +1,9 @@
 //! Logging: native journald records under systemd, stderr elsewhere, and never a byte to the client's socket.
 
-use std::{fs::File, io, os::fd::AsFd};
+use std::{fs::File, os::fd::AsFd};
 
 use anyhow::Result;
+use rustix::stdio;
 use socket2::{Domain, SockRef, Type};
 use ssh_on_demand_common::logging::{self, Program};
 use tracing::level_filters::LevelFilter;
@@ -28,19 +29,21 @@ pub struct Stdio {
 /// usage text, a panic message) would reach the ssh client, which then aborts. No TCP socket is ever a place
 /// for our output, so this runs first thing in `main`, before any mode is known.
 pub fn protect_stdio() -> Stdio {
-    if is_tcp(io::stdout().as_fd()) {
+    // rustix's handles, not std's: std::io::stdin() sets up an 8 KiB read buffer nobody here uses, which a
+    // per-connection process would carry for its session's life.
+    if is_tcp(stdio::stdout()) {
         // Nothing useful can be done if /dev/null cannot be opened; the check below then finds stderr unusable.
         let _ = File::open("/dev/null").and_then(|null| Ok(rustix::stdio::dup2_stdout(&null)?));
     }
-    let stderr_usable = if is_tcp(io::stderr().as_fd()) {
+    let stderr_usable = if is_tcp(stdio::stderr()) {
         let _ = File::open("/dev/null").and_then(|null| Ok(rustix::stdio::dup2_stderr(&null)?));
         false
     } else {
-        rustix::fs::fstat(io::stderr().as_fd()).is_ok()
+        rustix::fs::fstat(stdio::stderr()).is_ok()
     };
     Stdio {
         stderr_usable,
-        connection_waiting: is_tcp(io::stdin().as_fd()) || std::env::var_os("LISTEN_FDS").is_some(),
+        connection_waiting: is_tcp(stdio::stdin()) || std::env::var_os("LISTEN_FDS").is_some(),
     }
 }
 

@@ -265,7 +265,9 @@ impl Connection {
                 () = ctx.closed() => Err(Refusal::Busy("ssh-on-demand is restarting")),
             }
         };
-        let booted = until_client_leaves(client, early, work).await;
+        // On the heap, and gone once the VM answers: the start call's and the readiness probe's state (12 KiB)
+        // would otherwise stay part of this future, and resident, for all of a per-connection relay.
+        let booted = until_client_leaves(client, early, Box::pin(work)).await;
         drop(waiting);
         self.stats.woke |= lease.as_ref().is_some_and(Lease::woke);
         if self.stats.woke {
@@ -415,9 +417,8 @@ enum Identified {
 async fn until_client_leaves<T>(
     client: &mut TcpStream,
     early: &mut Vec<u8>,
-    work: impl Future<Output = T>,
+    mut work: impl Future<Output = T> + Unpin,
 ) -> Option<T> {
-    tokio::pin!(work);
     loop {
         tokio::select! {
             out = &mut work => return Some(out),

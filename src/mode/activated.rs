@@ -3,10 +3,9 @@
 
 use std::{
     fs::File,
-    io,
     net::TcpStream,
     os::{
-        fd::{AsFd, FromRawFd, OwnedFd},
+        fd::{FromRawFd, OwnedFd},
         unix::fs::MetadataExt,
     },
     path::PathBuf,
@@ -48,7 +47,9 @@ pub fn serve(config: Result<Config>, cli: Option<&Cli>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let outcome = runtime.block_on(async {
+    // Boxed: passed by value, its 10 KiB would be copied into each of block_on's frames on the stack, which
+    // the process keeps for its session's life.
+    let outcome = runtime.block_on(Box::pin(async {
         let client = tokio::net::TcpStream::from_std(client)?;
         let config = match config.and_then(per_connection) {
             Ok(config) => config,
@@ -74,7 +75,7 @@ pub fn serve(config: Result<Config>, cli: Option<&Cli>) -> ExitCode {
             watch.run(api, &reread).await;
         }
         Ok::<_, std::io::Error>(report.outcome)
-    });
+    }));
     match outcome {
         Ok(outcome) => outcome.exit_code(),
         Err(e) => {
@@ -140,8 +141,7 @@ pub fn take_client() -> Result<TcpStream> {
     let mut listen_fds = ListenFd::from_env();
     let fd = match listen_fds.len() {
         0 => {
-            let fd = io::stdin()
-                .as_fd()
+            let fd = rustix::stdio::stdin()
                 .try_clone_to_owned()
                 .context("fd 0 is not open")?;
             check_connected_tcp(&fd).context(

@@ -13,11 +13,11 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use futures_util::StreamExt;
 use sd_notify::NotifyState;
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    time::timeout,
-};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_tokio::Signals;
+use tokio::time::timeout;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
@@ -118,9 +118,7 @@ impl Daemon {
     }
 
     async fn serve(self: Arc<Self>, listeners: Vec<Listener>) -> Result<()> {
-        let mut terminate = signal(SignalKind::terminate())?;
-        let mut interrupt = signal(SignalKind::interrupt())?;
-        let mut hangup = signal(SignalKind::hangup())?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).context("handling signals")?;
         let stop_accepting = CancellationToken::new();
         let heartbeats: Vec<Arc<AtomicU64>> = listeners
             .iter()
@@ -150,12 +148,9 @@ impl Daemon {
         tokio::spawn(self.clone().housekeeping());
         let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
 
-        loop {
-            tokio::select! {
-                _ = terminate.recv() => break,
-                _ = interrupt.recv() => break,
-                _ = hangup.recv() => self.reload(),
-            }
+        // SIGHUP reloads; SIGTERM or SIGINT ends the loop, and the drain begins.
+        while let Some(SIGHUP) = signals.next().await {
+            self.reload();
         }
         // Closed before the drain: from here on, new connections are refused (or wait for a successor in
         // systemd's socket), never half-served.
