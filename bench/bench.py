@@ -25,7 +25,7 @@ import scenarios
 import warm
 from benchlib import (
     BENCH, REPO, PYTHON, PROXYD, CIPHER, MiB, GiB, F_SETPIPE_SZ, WITH_LISTEN_FD, BenchError, log, Processes,
-    children, descendants, wait_pid_gone, drain, tail, listening_socket, free_port, reserve_port, cpu_seconds, memory_kib,
+    children, descendants, wait_pid_gone, relay_settled, drain, tail, listening_socket, free_port, reserve_port, cpu_seconds, memory_kib,
     Peer, summary, ratio, ident_time,
 )
 
@@ -193,8 +193,14 @@ class Bench:
             options += ["--source-start-limit=none", "--penalty-strikes=0"]
         if daemon and "--max-sessions-per-source" in known:
             options += ["--max-sessions-per-source=100000"]  # every client of the bench is 127.0.0.1
+        metrics = None
+        if daemon and "--metrics-listen" in known:
+            metrics = ("127.0.0.1", free_port())  # for quiesce: when its sessions are over
+            options += ["--metrics-listen", f"{metrics[0]}:{metrics[1]}"]
         argv = [binary, "daemon", *options] if daemon else [binary, *options]
-        return self.per_connection(name, label, tag, [*argv, *extra], accept=not daemon)
+        peer = self.per_connection(name, label, tag, [*argv, *extra], accept=not daemon)
+        peer.metrics = metrics
+        return peer
 
     def per_connection(self, name, label, tag, argv, accept=True):
         """A peer started by systemd-socket-activate: per connection (`accept`, the connection on fd 0/1) or
@@ -252,14 +258,13 @@ class Bench:
 
     def quiesce(self, peer):
         """Waits (on pidfds) until the last connection's processes are gone: sshd's per-connection children
-        and, for per-connection relays and socat, the relay's. Samples then do not pay for the previous
-        connection's teardown, whichever peer it went through."""
-        pids = descendants(self.sshd.pid)
-        if peer.kind in ("per-connection", "socat"):
-            pids += children(peer.proc.pid)
-        for pid in pids:
+        and, for per-connection relays and socat, the relay's; and until an ssh-on-demand daemon's sessions
+        are over. Samples then do not pay for the previous connection's teardown, whichever peer it went
+        through."""
+        for pid in descendants(self.sshd.pid):
             if not wait_pid_gone(pid, 10):
                 log(f"note: PID {pid} still running 10 s after its connection ended")
+        relay_settled(peer)
 
     def once_more(self, what, fn, *args):
         """Runs fn(*args); after a failure, logs it and tries once more. Other work on the same machine

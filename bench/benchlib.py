@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """What every scenario of the benchmark shares: the processes it starts (and stops, by PID), /proc readings,
 the peers, statistics. See bench/README.md."""
+import http.client
 import os
 import select
 import signal
@@ -112,6 +113,36 @@ def wait_pid_gone(pid, timeout):
         return bool(select.select([fd], [], [], timeout)[0])
     finally:
         os.close(fd)
+
+
+def sessions_over(peer, timeout):
+    """Waits until the daemon `peer` has no connection in progress, by its metrics endpoint's sessions gauge: a
+    daemon's session goes on for a moment after its client has gone (its end is written to the store, in
+    etcd's case to three members' disks), and the next sample, through whichever peer, should not pay for
+    that. The daemon has no process per connection to wait for, and no event to wait on, so this asks."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection(*peer.metrics, timeout=timeout)
+        try:
+            conn.request("GET", "/metrics")
+            body = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        if any(line.split()[1:] == ["0"] for line in body.splitlines() if line.startswith("ssh_on_demand_sessions ")):
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def relay_settled(peer):
+    """Waits until the last connection through `peer` is over for its relay: its per-connection process gone
+    (on pidfds), or an ssh-on-demand daemon's sessions over."""
+    if peer.kind in ("per-connection", "socat"):
+        for pid in children(peer.proc.pid):
+            if not wait_pid_gone(pid, 10):
+                log(f"note: PID {pid} still running 10 s after its connection ended")
+    elif peer.metrics and not sessions_over(peer, 10):
+        log(f"note: {peer.label} still had a session 10 s after its connection ended")
 
 
 def drain(pipe, path, marker=None):
@@ -262,6 +293,7 @@ class Peer:
         self.proc = proc          # the process we started for it
         self.failed = None        # why it was dropped from the run, if it was
         self.hosts = [self]       # where its clients connect: several for proxy hosts sharing one store
+        self.metrics = None       # (host, port) of an ssh-on-demand daemon's metrics, to tell its sessions' end
 
     def proxy_pid(self, ssh_pid):
         """The process that relays the ssh client `ssh_pid`'s connection, while that connection is open."""

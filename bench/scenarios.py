@@ -20,7 +20,7 @@ import time
 
 from benchlib import (
     BENCH, DAEMON_ENV, PYTHON, REPO, WITH_LISTEN_FD, GiB, MiB, BenchError, Peer, children, drain, free_port,
-    listening_socket, log, ratio, summary, tail, wait_pid_gone, cpu_seconds, memory_kib,
+    listening_socket, log, ratio, relay_settled, summary, tail, cpu_seconds, memory_kib,
 )
 
 RAW_VM = "127.0.0.78"
@@ -30,13 +30,6 @@ STORM_VM = "127.0.0.81"
 NFT_TABLE = "ssh_on_demand_bench"
 BANNER = b"SSH-2.0-OpenSSH_9.2p1 bench-vm\r\n"
 CALLERS = ("ssh-on-demand", "daemon", "prototype")
-
-
-def quiesce(peer):
-    """Waits (on pidfds) until the per-connection processes of `peer` have exited."""
-    if peer.kind in ("per-connection", "socat"):
-        for pid in children(peer.proc.pid):
-            wait_pid_gone(pid, 10)
 
 
 def read_line(sock):
@@ -139,7 +132,7 @@ def transfer(peer, nbytes):
     finally:
         client.stdin.close()
         client.wait(timeout=60)
-        quiesce(peer)
+        relay_settled(peer)
     return {"seconds": seconds, "cpu_s": cpu}
 
 
@@ -168,7 +161,7 @@ def idle_session_memory(peer, count):
     for s in warm:
         s.close()
     time.sleep(0.5)  # let the relay notice those closes before the baseline is read
-    quiesce(peer)
+    relay_settled(peer)
     if peer.kind == "single-process":
         before = memory_kib(peer.proc.pid)
     sessions = [open_session(peer) for _ in range(count)]
@@ -187,7 +180,7 @@ def idle_session_memory(peer, count):
     finally:
         for s in sessions:
             s.close()
-        quiesce(peer)
+        relay_settled(peer)
     log(f"idle sessions {peer.label:<22} {count} open: PSS {found['pss_kib']:.1f} KiB, RSS {found['rss_kib']:.1f} KiB "
         f"per session")
     return found
@@ -433,7 +426,7 @@ def ready_lag(peer, api, mode, open_after_ms, drop, port):
         refusing.close()
         if mode == "dropped":
             drop.restore()
-        quiesce(peer)
+        relay_settled(peer)
 
 
 def proxy_hosts(bench, api_url, n):
@@ -495,7 +488,7 @@ def storm(bench):
                 clients.wait()
             ours.close()
             vm.wait(10)
-            quiesce(peer)
+            relay_settled(peer)
     return {"clients": args.storm_clients, "boot_s": args.storm_boot_s, "peers": out}
 
 

@@ -18,7 +18,7 @@ import struct
 import time
 
 from benchlib import (
-    BENCH, PYTHON, BenchError, Peer, children, ident_time, listening_socket, log, summary, wait_pid_gone,
+    BENCH, PYTHON, BenchError, Peer, ident_time, listening_socket, log, relay_settled, summary,
 )
 
 FAST_VM = "127.0.0.82"
@@ -92,9 +92,8 @@ def probe(bench, peer):
     took = ident_time(peer.host, peer.port)
     if bench.args.warm_vm == "sshd":
         bench.quiesce(peer)  # sshd's per-connection processes too
-    elif peer.kind == "per-connection":
-        for pid in children(peer.proc.pid):
-            wait_pid_gone(pid, 10)
+    else:
+        relay_settled(peer)
     return took
 
 
