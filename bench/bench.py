@@ -25,7 +25,7 @@ import scenarios
 import warm
 from benchlib import (
     BENCH, REPO, PYTHON, PROXYD, CIPHER, MiB, GiB, F_SETPIPE_SZ, WITH_LISTEN_FD, BenchError, log, Processes,
-    children, descendants, wait_pid_gone, relay_settled, drain, tail, listening_socket, free_port, reserve_port, cpu_seconds, memory_kib,
+    children, descendants, wait_pid_gone, relay_busy, relay_settled, drain, tail, listening_socket, free_port, reserve_port, cpu_seconds, memory_kib,
     Peer, summary, ratio, ident_time,
 )
 
@@ -35,6 +35,7 @@ class Bench:
         self.args = args
         self.procs = Processes()
         self.tmp = None
+        self.sshd = None  # the sshd VM, once a scenario needs it
         self.peers = []
         self.results = {}
         self.made_run_sshd = False
@@ -256,15 +257,22 @@ class Bench:
         env.pop("SSH_AUTH_SOCK", None)
         return env
 
-    def quiesce(self, peer):
+    def quiesce(self, peer, busy=(frozenset(), None)):
         """Waits (on pidfds) until the last connection's processes are gone: sshd's per-connection children
         and, for per-connection relays and socat, the relay's; and until an ssh-on-demand daemon's sessions
         are over. Samples then do not pay for the previous connection's teardown, whichever peer it went
-        through."""
-        for pid in descendants(self.sshd.pid):
+        through. `busy` (self.busy's reading before the connection): what was held open then, not waited for."""
+        for pid in self.sshd_children() - busy[0]:
             if not wait_pid_gone(pid, 10):
                 log(f"note: PID {pid} still running 10 s after its connection ended")
-        relay_settled(peer)
+        relay_settled(peer, busy[1])
+
+    def busy(self, peer):
+        """What is in progress before a connection through `peer`, for quiesce to leave alone."""
+        return self.sshd_children(), relay_busy(peer)
+
+    def sshd_children(self):
+        return set(descendants(self.sshd.pid)) if self.sshd else set()
 
     def once_more(self, what, fn, *args):
         """Runs fn(*args); after a failure, logs it and tries once more. Other work on the same machine

@@ -115,34 +115,51 @@ def wait_pid_gone(pid, timeout):
         os.close(fd)
 
 
-def sessions_over(peer, timeout):
-    """Waits until the daemon `peer` has no connection in progress, by its metrics endpoint's sessions gauge: a
-    daemon's session goes on for a moment after its client has gone (its end is written to the store, in
-    etcd's case to three members' disks), and the next sample, through whichever peer, should not pay for
-    that. The daemon has no process per connection to wait for, and no event to wait on, so this asks."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        conn = http.client.HTTPConnection(*peer.metrics, timeout=timeout)
-        try:
-            conn.request("GET", "/metrics")
-            body = conn.getresponse().read().decode()
-        finally:
-            conn.close()
-        if any(line.split()[1:] == ["0"] for line in body.splitlines() if line.startswith("ssh_on_demand_sessions ")):
-            return True
-        time.sleep(0.001)
-    return False
+def daemon_sessions(peer):
+    """The connections an ssh-on-demand daemon has in progress, from its metrics endpoint's sessions gauge."""
+    conn = http.client.HTTPConnection(*peer.metrics, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        body = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    for line in body.splitlines():
+        if line.startswith("ssh_on_demand_sessions "):
+            return int(float(line.split()[1]))
+    raise BenchError(f"{peer.label}: no ssh_on_demand_sessions in its metrics")
 
 
-def relay_settled(peer):
-    """Waits until the last connection through `peer` is over for its relay: its per-connection process gone
-    (on pidfds), or an ssh-on-demand daemon's sessions over."""
+def relay_busy(peer):
+    """What `peer` has in progress now (its per-connection processes, or a daemon's session count), for
+    relay_settled to wait back down to: a session held open on purpose is not a connection to wait for."""
     if peer.kind in ("per-connection", "socat"):
-        for pid in children(peer.proc.pid):
+        return set(children(peer.proc.pid))
+    if peer.metrics:
+        try:
+            return daemon_sessions(peer)
+        except ConnectionRefusedError:
+            return 0  # still starting: its first connection is yet to come
+    return None
+
+
+def relay_settled(peer, busy=None):
+    """Waits until the connections through `peer` since `busy` (relay_busy's reading; by default, none held)
+    are over for its relay: their per-connection processes gone (on pidfds), or an ssh-on-demand daemon's
+    sessions gauge back down. A daemon's session goes on for a moment after its client has gone (its end is
+    written to the store, in etcd's case to three members' disks), and the next sample, through whichever
+    peer, should not pay for that; the daemon has no process per connection to wait for, and no event to
+    wait on, so this asks."""
+    if peer.kind in ("per-connection", "socat"):
+        for pid in set(children(peer.proc.pid)) - (busy or set()):
             if not wait_pid_gone(pid, 10):
                 log(f"note: PID {pid} still running 10 s after its connection ended")
-    elif peer.metrics and not sessions_over(peer, 10):
-        log(f"note: {peer.label} still had a session 10 s after its connection ended")
+    elif peer.metrics:
+        deadline = time.monotonic() + 10
+        while daemon_sessions(peer) > (busy or 0):
+            if time.monotonic() > deadline:
+                log(f"note: {peer.label} still had a session 10 s after its connection ended")
+                return
+            time.sleep(0.001)
 
 
 def drain(pipe, path, marker=None):

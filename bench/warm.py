@@ -89,11 +89,12 @@ def warm(bench):
 
 
 def probe(bench, peer):
+    busy = bench.busy(peer)  # count_writes holds a session open through the peer
     took = ident_time(peer.host, peer.port)
     if bench.args.warm_vm == "sshd":
-        bench.quiesce(peer)  # sshd's per-connection processes too
+        bench.quiesce(peer, busy)  # sshd's per-connection processes too
     else:
-        relay_settled(peer)
+        relay_settled(peer, busy[1])
     return took
 
 
