@@ -1,11 +1,13 @@
-//! Real systemd as PID 1: a Debian rootfs made once by debootstrap and cached under target/, and a throwaway
-//! copy of it booted with `systemd-nspawn -b` per test. The container shares the host's network namespace, so
+//! Real systemd as PID 1: a throwaway copy of a cached Debian rootfs ([`rootfs`]) booted with
+//! `systemd-nspawn -b` per test. The container shares the host's network namespace unless told otherwise, so
 //! its sockets and the host's test servers (start API, VMs) reach each other over loopback.
+
+mod rootfs;
 
 use std::{
     fs,
-    os::{fd::AsFd, unix::process::CommandExt},
-    path::{Path, PathBuf},
+    os::unix::process::CommandExt,
+    path::Path,
     process::{Child, Command, Output, Stdio},
     sync::mpsc,
     thread,
@@ -16,17 +18,10 @@ use rustix::process::{Pid, Signal};
 use tempfile::TempDir;
 use wait_timeout::ChildExt;
 
+pub use rootfs::{cached_rootfs, copy, enable_ssh};
+
 use super::{PATIENCE, log::Log};
 
-/// Name of the cached rootfs; bump the number whenever `debootstrap`'s arguments below change, so that an old
-/// cache is not taken for the new recipe.
-const ROOTFS: &str = "bookworm-3";
-/// systemd, and dbus for `systemctl` and `systemd-analyze security`; man-db so that `systemd-analyze verify`
-/// checks that the unit's `Documentation=man:ssh-on-demand(8)` resolves; procps, which the package depends on;
-/// openssh-server, as on a stock server (its sshd on port 22, and the "VM" of docs/first-login.md), with
-/// the client the walkthrough logs in with.
-const PACKAGES: &str = "systemd,systemd-sysv,dbus,man-db,procps,openssh-server";
-const MIRROR: &str = "http://deb.debian.org/debian";
 /// The PATH of commands run in the container; ours would be the host's.
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Polling interval for conditions that have no event to wait on (systemd's state seen from outside).
@@ -50,122 +45,12 @@ pub fn unavailable() -> Option<String> {
     }
 }
 
-/// The pristine rootfs, made by debootstrap on first use (about 35 s and 250 MB) and reused by every later
-/// run. Only a copy of it is ever booted.
-pub fn cached_rootfs() -> PathBuf {
-    let cache = cache_dir();
-    fs::create_dir_all(&cache).unwrap();
-    let rootfs = cache.join(ROOTFS);
-    // Test processes running at once must not both debootstrap: the first builds, the others wait.
-    let _lock = lock(&cache.join(format!("{ROOTFS}.lock")));
-    remove_stale_copies(&cache);
-    if rootfs.is_dir() {
-        return rootfs;
-    }
-    // Built under another name and renamed when complete, so that an interrupted build is never mistaken
-    // for a rootfs: the final name exists only once debootstrap succeeded.
-    let partial = cache.join(format!("{ROOTFS}.partial"));
-    if partial.exists() {
-        fs::remove_dir_all(&partial).unwrap();
-    }
-    eprintln!(
-        "building the container rootfs {} with debootstrap (once; about half a minute)",
-        rootfs.display()
-    );
-    let output = Command::new("debootstrap")
-        .args([
-            "--variant=minbase",
-            &format!("--include={PACKAGES}"),
-            "bookworm",
-        ])
-        .arg(&partial)
-        .arg(MIRROR)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running debootstrap (apt-get install debootstrap)");
-    assert!(
-        output.status.success(),
-        "debootstrap failed ({}):\n{}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    // Containers share the host's network unless booted with Network::Private: there, sshd would take the
-    // host's port 22, or fail to. Those that want it enable it (enable_ssh).
-    let status = Command::new("systemctl")
-        .arg(format!("--root={}", partial.display()))
-        .args(["disable", "--quiet", "ssh.service"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "disabling ssh.service in the rootfs");
-    fs::rename(&partial, &rootfs).unwrap();
-    rootfs
-}
-
-/// Enables sshd at boot in the copy at `root` (before [`Container::boot`] boots it), as on a stock server.
-pub fn enable_ssh(root: &Path) {
-    let status = Command::new("systemctl")
-        .arg(format!("--root={}", root.display()))
-        .args(["enable", "--quiet", "ssh.service"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "enabling ssh.service in the container");
-}
-
 /// The container's network: the host's (its sockets and the host's test servers reach each other over
 /// loopback), or its own with loopback only, where it may listen on any port, 22 included.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Network {
     Host,
     Private,
-}
-
-/// target/tmp/nspawn: kept between runs, removed by `cargo clean`.
-fn cache_dir() -> PathBuf {
-    super::target_tmp().join("nspawn")
-}
-
-/// An exclusive lock, held until the returned file is dropped.
-fn lock(path: &Path) -> fs::File {
-    let file = fs::File::create(path).unwrap();
-    rustix::fs::flock(file.as_fd(), rustix::fs::FlockOperation::LockExclusive).unwrap();
-    file
-}
-
-/// Copies are named `run-<pid>-…` after the test process that made them. One whose process is gone was left
-/// by a run that was killed (Ctrl-C) before it could clean up; it is only disk space, so it goes.
-fn remove_stale_copies(cache: &Path) {
-    for entry in fs::read_dir(cache).unwrap().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix("run-").and_then(|r| r.split('-').next()) else {
-            continue;
-        };
-        if !Path::new("/proc").join(pid).exists() {
-            eprintln!(
-                "removing {}, left by an interrupted run",
-                entry.path().display()
-            );
-            let _ = fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
-/// A private copy of `rootfs`, removed when dropped; named after this process, so that a copy left by a killed
-/// run is found and removed.
-pub fn copy(rootfs: &Path) -> TempDir {
-    let root = tempfile::Builder::new()
-        .prefix(&format!("run-{}-", std::process::id()))
-        .tempdir_in(rootfs.parent().unwrap())
-        .unwrap();
-    // A plain copy takes well under a second for this rootfs, and reflinks where the filesystem can.
-    let status = Command::new("cp")
-        .args(["-a", "--reflink=auto"])
-        .arg(rootfs.join("."))
-        .arg(root.path())
-        .status()
-        .unwrap();
-    assert!(status.success(), "copying {}", rootfs.display());
-    root
 }
 
 /// A booted container: systemd-nspawn (our child) running systemd from a private copy of the rootfs.
