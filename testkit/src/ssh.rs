@@ -4,7 +4,7 @@ use std::{
     io::Read,
     net::SocketAddr,
     path::Path,
-    process::{Command, Output, Stdio},
+    process::{Child, Command, Output, Stdio},
     thread,
     time::Duration,
 };
@@ -37,6 +37,18 @@ pub fn ssh_with(mut command: Command, proxy: SocketAddr, key: &Path) -> Command 
         .args(["-p", &proxy.port().to_string()])
         .arg(format!("root@{}", proxy.ip()));
     command
+}
+
+/// Starts `command` (an [`ssh`] or [`ssh_with`]) running `true` and printing nothing: a login for a test to
+/// cut off midway, by killing the client or its network, and to watch what the proxy does then.
+pub fn spawn_login(mut command: Command) -> Child {
+    command
+        .arg("true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting ssh")
 }
 
 /// `scp -P PORT` through the proxy; append the source and `root@127.0.0.1:PATH`.

@@ -16,13 +16,7 @@ both_modes! {
             .args(["--boot-timeout", "4s"])
             .listener(listener, None)
             .start();
-        let mut client = ssh_in(&client_ns, addr, &vm.client_key())
-            .arg("true")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut client = spawn_login(ssh_in(&client_ns, addr, &vm.client_key()));
         api.wait_for_requests(1, PATIENCE);
         let asked = Instant::now();
         client_ns.link_down();

@@ -29,7 +29,7 @@ use common::{
     api::StartApi,
     netns::{Netns, NsVm, ssh_in, tcp_connections_to},
     proxy::{Mode, Proxy, ProxyBuilder, binary},
-    ssh::{Session, refused_login, ssh},
+    ssh::{Session, refused_login, spawn_login, ssh},
     vm::Vm,
 };
 

@@ -27,7 +27,7 @@ use common::{
     PATIENCE,
     api::{Answer, StartApi},
     proxy::{Handover, Mode, Proxy},
-    ssh::{assert_echo, run, scp, ssh, stderr, stdout},
+    ssh::{assert_echo, run, scp, spawn_login, ssh, stderr, stdout},
     tls::HttpsApi,
     vm::Vm,
 };

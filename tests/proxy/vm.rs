@@ -76,13 +76,7 @@ both_modes! {
         let vm = Vm::new(); // never boots
         let api = StartApi::pointing_at(&vm);
         let proxy = Proxy::start_in(mode, &api.url()); // boot deadline: the default 120 s
-        let mut client = ssh(proxy.addr, &vm.client_key())
-            .arg("true")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut client = spawn_login(ssh(proxy.addr, &vm.client_key()));
         api.wait_for_requests(1, PATIENCE);
         proxy
             .log
