@@ -43,12 +43,7 @@ pub fn cached_rootfs() -> PathBuf {
     debootstrap(&partial, &cache.join(format!("{ROOTFS}.debs")));
     // Containers share the host's network unless booted with Network::Private: there, sshd would take the
     // host's port 22, or fail to. Those that want it enable it (enable_ssh).
-    let status = Command::new("systemctl")
-        .arg(format!("--root={}", partial.display()))
-        .args(["disable", "--quiet", "ssh.service"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "disabling ssh.service in the rootfs");
+    ssh_at_boot(&partial, "disable");
     fs::rename(&partial, &rootfs).unwrap();
     rootfs
 }
@@ -122,12 +117,21 @@ fn free_space(dir: &Path) -> String {
 
 /// Enables sshd at boot in the copy at `root` (before [`Container::boot`] boots it), as on a stock server.
 pub fn enable_ssh(root: &Path) {
+    ssh_at_boot(root, "enable");
+}
+
+/// `systemctl enable` or `disable` of sshd in the rootfs at `root`, which is not running.
+fn ssh_at_boot(root: &Path, verb: &str) {
     let status = Command::new("systemctl")
         .arg(format!("--root={}", root.display()))
-        .args(["enable", "--quiet", "ssh.service"])
+        .args([verb, "--quiet", "ssh.service"])
         .status()
         .unwrap();
-    assert!(status.success(), "enabling ssh.service in the container");
+    assert!(
+        status.success(),
+        "systemctl {verb} ssh.service in {}",
+        root.display()
+    );
 }
 
 /// target/tmp/nspawn: kept between runs, removed by `cargo clean`.
