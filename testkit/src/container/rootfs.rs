@@ -21,6 +21,7 @@ const ROOTFS: &str = "bookworm-3";
 /// the client the walkthrough logs in with.
 const PACKAGES: &str = "systemd,systemd-sysv,dbus,man-db,procps,openssh-server";
 const MIRROR: &str = "http://deb.debian.org/debian";
+
 /// The pristine rootfs, made by debootstrap on first use (about 35 s and 250 MB) and reused by every later
 /// run. Only a copy of it is ever booted.
 pub fn cached_rootfs() -> PathBuf {
@@ -115,7 +116,7 @@ fn free_space(dir: &Path) -> String {
     }
 }
 
-/// Enables sshd at boot in the copy at `root` (before [`Container::boot`] boots it), as on a stock server.
+/// Enables sshd at boot in the copy at `root` (before [`super::Container::boot`] boots it), as on a stock server.
 pub fn enable_ssh(root: &Path) {
     ssh_at_boot(root, "enable");
 }
