@@ -1,6 +1,6 @@
-//! Real systemd as PID 1: a throwaway copy of a cached Debian rootfs ([`rootfs`]) booted with
-//! `systemd-nspawn -b` per test. The container shares the host's network namespace unless told otherwise, so
-//! its sockets and the host's test servers (start API, VMs) reach each other over loopback.
+//! Real systemd as PID 1: a throwaway copy of a cached Debian rootfs (`rootfs.rs`, made by debootstrap)
+//! booted with `systemd-nspawn -b` per test. The container shares the host's network namespace unless told
+//! otherwise, so its sockets and the host's test servers (start API, VMs) reach each other over loopback.
 
 mod rootfs;
 
