@@ -44,6 +44,11 @@ fn them() -> Holder {
     }
 }
 
+/// A start held by `holder`, of a VM that was at `was` before (if it ran).
+fn starting(holder: Holder, was: Option<SocketAddr>) -> Phase {
+    Phase::Starting { holder, was }
+}
+
 /// A view of `phase`, entered at `since`, after `starts` starts, with `sessions` live sessions and the
 /// holder (if any) alive or not.
 fn view(phase: Phase, since: u64, sessions: usize, holder_alive: bool) -> View {
@@ -193,12 +198,9 @@ fn vms_that_have_not_run_for_a_day_are_forgotten() {
 
 #[test]
 fn operators_read_interrupted_calls_apart() {
-    let starting = Phase::Starting {
-        holder: them(),
-        was: None,
-    };
-    assert_eq!(view(starting.clone(), 0, 0, true).shown(), Shown::Starting);
-    assert_eq!(view(starting, 0, 0, false).shown(), Shown::Interrupted);
+    let theirs = starting(them(), None);
+    assert_eq!(view(theirs.clone(), 0, 0, true).shown(), Shown::Starting);
+    assert_eq!(view(theirs, 0, 0, false).shown(), Shown::Interrupted);
     assert_eq!(view(Phase::New, 0, 0, false).shown(), Shown::New);
     assert_eq!(
         view(Phase::Idle { vm: vm() }, 0, 0, false).shown(),
@@ -257,7 +259,7 @@ fn a_run_begins_with_its_first_start_and_ends_with_its_stop() {
     let started = |was, started| {
         let view = View {
             record: Record {
-                phase: Phase::Starting { holder: me(), was },
+                phase: starting(me(), was),
                 started,
                 ..Record::default()
             },

@@ -117,10 +117,7 @@ fn stops_in_flight_and_their_end() {
             event: login(),
             now: 922 * S,
             rules: rules(),
-            writes: Some(Phase::Starting {
-                holder: me(),
-                was: None,
-            }),
+            writes: Some(starting(me(), None)),
             action: Action::CallStart,
         },
         Row {
@@ -164,10 +161,7 @@ fn stops_in_flight_and_their_end() {
             event: login(),
             now: 930 * S,
             rules: rules(),
-            writes: Some(Phase::Starting {
-                holder: me(),
-                was: Some(vm()),
-            }),
+            writes: Some(starting(me(), Some(vm()))),
             action: Action::CallStart,
         },
     ]);
@@ -196,15 +190,7 @@ fn killed_processes_and_lost_hosts() {
         },
         Row {
             rule: "a start whose process died, of a VM that ran: idle from now",
-            view: view(
-                Phase::Starting {
-                    holder: them(),
-                    was: Some(vm()),
-                },
-                10 * S,
-                0,
-                false,
-            ),
+            view: view(starting(them(), Some(vm())), 10 * S, 0, false),
             event: Event::Tick { me: me_ref() },
             now: 20 * S,
             rules: rules(),
@@ -213,15 +199,7 @@ fn killed_processes_and_lost_hosts() {
         },
         Row {
             rule: "a start in flight is left alone",
-            view: view(
-                Phase::Starting {
-                    holder: them(),
-                    was: Some(vm()),
-                },
-                10 * S,
-                0,
-                true,
-            ),
+            view: view(starting(them(), Some(vm())), 10 * S, 0, true),
             event: Event::Tick { me: me_ref() },
             now: 20 * S,
             rules: rules(),
@@ -230,22 +208,11 @@ fn killed_processes_and_lost_hosts() {
         },
         Row {
             rule: "a login after a start whose process died starts the VM itself",
-            view: view(
-                Phase::Starting {
-                    holder: them(),
-                    was: None,
-                },
-                10 * S,
-                1,
-                false,
-            ),
+            view: view(starting(them(), None), 10 * S, 1, false),
             event: login(),
             now: 20 * S,
             rules: rules(),
-            writes: Some(Phase::Starting {
-                holder: me(),
-                was: None,
-            }),
+            writes: Some(starting(me(), None)),
             action: Action::CallStart,
         },
     ]);
@@ -350,10 +317,7 @@ fn pre_wake_starts_the_vm_once_per_window() {
             event: Event::Tick { me: me_ref() },
             now: utc("2026-12-07T08:00"),
             rules: office(None, true),
-            writes: Some(Phase::Starting {
-                holder: me(),
-                was: None,
-            }),
+            writes: Some(starting(me(), None)),
             action: Action::CallStart,
         },
         Row {

@@ -4,10 +4,7 @@ use super::*;
 
 #[test]
 fn one_start_per_burst() {
-    let starting = Phase::Starting {
-        holder: them(),
-        was: None,
-    };
+    let theirs = starting(them(), None);
     check(vec![
         Row {
             rule: "the first login of a VM that does not run holds its start",
@@ -15,15 +12,12 @@ fn one_start_per_burst() {
             event: login(),
             now: 10 * S,
             rules: rules(),
-            writes: Some(Phase::Starting {
-                holder: me(),
-                was: None,
-            }),
+            writes: Some(starting(me(), None)),
             action: Action::CallStart,
         },
         Row {
             rule: "a login while another's start is in flight waits for it",
-            view: view(starting.clone(), 10 * S, 2, true),
+            view: view(theirs.clone(), 10 * S, 2, true),
             event: login(),
             now: 11 * S,
             rules: rules(),
@@ -105,10 +99,7 @@ fn one_start_per_burst() {
             event: login(),
             now: 131 * S,
             rules: rules(),
-            writes: Some(Phase::Starting {
-                holder: me(),
-                was: Some(vm()),
-            }),
+            writes: Some(starting(me(), Some(vm()))),
             action: Action::CallStart,
         },
         Row {
@@ -131,10 +122,7 @@ fn one_start_per_burst() {
             },
             now: 12 * S,
             rules: rules(),
-            writes: Some(Phase::Starting {
-                holder: me(),
-                was: None,
-            }),
+            writes: Some(starting(me(), None)),
             action: Action::CallStart,
         },
         Row {
@@ -154,7 +142,7 @@ fn one_start_per_burst() {
 
 #[test]
 fn answers_of_the_start_api() {
-    let mine = |was| Phase::Starting { holder: me(), was };
+    let mine = |was| starting(me(), was);
     check(vec![
         Row {
             rule: "an address: the VM boots, and logins share it until boot_timeout",
@@ -236,15 +224,7 @@ fn answers_of_the_start_api() {
         },
         Row {
             rule: "an answer to a start this process no longer holds changes nothing shared",
-            view: view(
-                Phase::Starting {
-                    holder: them(),
-                    was: None,
-                },
-                10 * S,
-                1,
-                true,
-            ),
+            view: view(starting(them(), None), 10 * S, 1, true),
             event: Event::Started {
                 me: me_ref(),
                 answer: Ok(vm()),
