@@ -49,6 +49,11 @@ fn starting(holder: Holder, was: Option<SocketAddr>) -> Phase {
     Phase::Starting { holder, was }
 }
 
+/// The VM at `vm()` booting, its start's answer shared with logins until `until`.
+fn booting(until: u64) -> Phase {
+    Phase::Booting { vm: vm(), until }
+}
+
 /// A view of `phase`, entered at `since`, after `starts` starts, with `sessions` live sessions and the
 /// holder (if any) alive or not.
 fn view(phase: Phase, since: u64, sessions: usize, holder_alive: bool) -> View {

@@ -27,15 +27,7 @@ fn one_start_per_burst() {
         Row {
             rule: "then takes its answer",
             view: with_start(
-                view(
-                    Phase::Booting {
-                        vm: vm(),
-                        until: 130 * S,
-                    },
-                    12 * S,
-                    2,
-                    false,
-                ),
+                view(booting(130 * S), 12 * S, 2, false),
                 true,
                 "192.0.2.7:22",
             ),
@@ -67,15 +59,7 @@ fn one_start_per_burst() {
         },
         Row {
             rule: "a login while the VM boots from an earlier start takes its address at once",
-            view: view(
-                Phase::Booting {
-                    vm: vm(),
-                    until: 130 * S,
-                },
-                10 * S,
-                1,
-                false,
-            ),
+            view: view(booting(130 * S), 10 * S, 1, false),
             event: Event::Login {
                 me: me_ref(),
                 starts_seen: 1,
@@ -87,15 +71,7 @@ fn one_start_per_burst() {
         },
         Row {
             rule: "past boot_timeout, a boot is not shared: the VM is started again",
-            view: view(
-                Phase::Booting {
-                    vm: vm(),
-                    until: 130 * S,
-                },
-                10 * S,
-                1,
-                false,
-            ),
+            view: view(booting(130 * S), 10 * S, 1, false),
             event: login(),
             now: 131 * S,
             rules: rules(),
@@ -154,10 +130,7 @@ fn answers_of_the_start_api() {
             },
             now: 11 * S,
             rules: rules(),
-            writes: Some(Phase::Booting {
-                vm: vm(),
-                until: 131 * S,
-            }),
+            writes: Some(booting(131 * S)),
             action: Action::Nothing,
         },
         Row {
@@ -190,15 +163,7 @@ fn answers_of_the_start_api() {
         },
         Row {
             rule: "sshd answered: up",
-            view: view(
-                Phase::Booting {
-                    vm: vm(),
-                    until: 131 * S,
-                },
-                11 * S,
-                1,
-                false,
-            ),
+            view: view(booting(131 * S), 11 * S, 1, false),
             event: Event::Ready { vm: vm() },
             now: 15 * S,
             rules: rules(),
@@ -207,15 +172,7 @@ fn answers_of_the_start_api() {
         },
         Row {
             rule: "another VM's sshd does not make this one up",
-            view: view(
-                Phase::Booting {
-                    vm: vm(),
-                    until: 131 * S,
-                },
-                11 * S,
-                1,
-                false,
-            ),
+            view: view(booting(131 * S), 11 * S, 1, false),
             event: Event::Ready { vm: other_vm() },
             now: 15 * S,
             rules: rules(),
